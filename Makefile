@@ -1,0 +1,30 @@
+# Command 1: `make train` sets everything up (venv, packages, Fashion-MNIST) and trains the default experiment.
+# Command 2: `make test` sets everything up and runs the test suite.
+VENV ?= .venv
+PYTHON ?= python3
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARGS ?=
+
+.PHONY: setup data train test bench
+setup: $(VENV)/.installed data
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# Debian's package holds the real Fashion-MNIST; vaelab decompresses it into data/ on first use.
+data:
+	@test -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+
+train: setup
+	$(VENV)/bin/vaelab-train $(ARGS)
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+bench: setup
+	$(VENV)/bin/python benchmarks/epoch_time.py

@@ -1,0 +1,188 @@
+"""Fashion-MNIST / MNIST as in-memory tensors, batched by slicing (no per-sample Python)."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytorch_lightning as pl
+import torch
+
+# (file stem, IDX magic number, shape after the header) for each split and kind.
+IDX_FILES = {
+    ("train", "images"): ("train-images-idx3-ubyte", 2051, (60000, 28, 28)),
+    ("train", "labels"): ("train-labels-idx1-ubyte", 2049, (60000,)),
+    ("test", "images"): ("t10k-images-idx3-ubyte", 2051, (10000, 28, 28)),
+    ("test", "labels"): ("t10k-labels-idx1-ubyte", 2049, (10000,)),
+}
+
+
+class DataNotFoundError(FileNotFoundError):
+    pass
+
+
+class CorruptDataError(ValueError):
+    pass
+
+
+def read_idx(path: Path, magic: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Read an uncompressed IDX file of unsigned bytes, checking its header and size."""
+    raw = path.read_bytes()
+    ndim = len(shape)
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise CorruptDataError(f"{path}: file is {len(raw)} bytes, too short for an IDX header; delete it and run again")
+    found_magic = int.from_bytes(raw[:4], "big")
+    if found_magic != magic:
+        raise CorruptDataError(f"{path}: IDX magic number is {found_magic}, expected {magic}; this is not the right IDX file, delete it and run again")
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if dims != shape:
+        raise CorruptDataError(f"{path}: IDX header says shape {dims}, expected {shape}; delete it and run again")
+    expected = header + int(torch.tensor(shape).prod())
+    if len(raw) != expected:
+        raise CorruptDataError(f"{path}: file is {len(raw)} bytes, expected {expected} (truncated or corrupted); delete it and run again")
+    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(shape)
+
+
+def _raw_dir(data_dir: Path, dataset: str) -> Path:
+    return Path(data_dir) / dataset / "raw"  # torchvision's layout
+
+
+def _have_raw(raw_dir: Path) -> bool:
+    return all((raw_dir / stem).exists() for stem, _, _ in IDX_FILES.values())
+
+
+def locate(data_dir: str | Path, dataset: str, system_dir: str | None, download: bool) -> Path:
+    """Return the folder holding the four uncompressed IDX files, fetching them once if needed.
+
+    Order: data_dir (torchvision layout), the Debian package's copies in system_dir (decompressed
+    here, since torchvision's md5 check rejects Debian's recompressed archives), torchvision's
+    download when `download` is true.
+    """
+    raw_dir = _raw_dir(Path(data_dir), dataset)
+    if _have_raw(raw_dir):
+        return raw_dir
+    if system_dir and all((Path(system_dir) / f"{stem}.gz").exists() for stem, _, _ in IDX_FILES.values()):
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        for stem, _, _ in IDX_FILES.values():
+            target = raw_dir / stem
+            if target.exists():
+                continue
+            partial = target.with_suffix(".partial")  # write then rename: a killed copy never looks complete
+            with gzip.open(Path(system_dir) / f"{stem}.gz", "rb") as src, open(partial, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            partial.rename(target)
+        return raw_dir
+    if download:
+        import torchvision.datasets as tvd  # imported here: torchvision is slow to import and only needed to download
+
+        getattr(tvd, dataset)(root=str(data_dir), train=True, download=True)
+        getattr(tvd, dataset)(root=str(data_dir), train=False, download=True)
+        if _have_raw(raw_dir):
+            return raw_dir
+    system_hint = f"install Debian's package holding it (`apt-get install dataset-fashion-mnist` puts it in {system_dir})" if system_dir else "there is no system package for it"
+    raise DataNotFoundError(
+        f"{dataset} not found in {raw_dir}. Get it one of three ways: "
+        f"(1) put the four IDX files there (torchvision's layout, data.data_dir=<dir>); "
+        f"(2) {system_hint}; "
+        f"(3) download it with torchvision: data.download=true"
+    )
+
+
+def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 in [0, 1] with a channel axis, labels as int64."""
+    stem, magic, shape = IDX_FILES[(split, "images")]
+    images = read_idx(raw_dir / stem, magic, shape)
+    stem, magic, shape = IDX_FILES[(split, "labels")]
+    labels = read_idx(raw_dir / stem, magic, shape)
+    return images.unsqueeze(1).float().div_(255.0), labels.long()
+
+
+class TensorBatches:
+    """Batches sliced from tensors already on their device: one gather per batch, nothing per sample.
+
+    Shuffling draws a permutation from (seed, epoch), so it is repeatable and resumes identically.
+    Under DDP each rank takes every world_size-th index of the same permutation.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool,
+                 seed: int = 0, epoch_fn: Callable[[], int] = lambda: 0, rank: int = 0, world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.shuffle, self.seed, self.epoch_fn = batch_size, shuffle, seed, epoch_fn
+        self.rank, self.world_size = rank, world_size
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.images)
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch_fn())
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.arange(n)
+        per_rank = n // self.world_size  # equal shares, so DDP ranks step in lockstep
+        return order[self.rank :: self.world_size][:per_rank].to(self.images.device)
+
+    def __len__(self) -> int:
+        return -(-(len(self.images) // self.world_size) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        indices = self._indices()
+        if not self.shuffle and self.world_size == 1:  # contiguous slices need no gather
+            for start in range(0, len(indices), self.batch_size):
+                yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
+            return
+        for batch in indices.split(self.batch_size):
+            yield self.images[batch], self.labels[batch]
+
+
+class MNISTLike(pl.LightningDataModule):
+    """Fashion-MNIST or MNIST: 28x28 grey images in [0, 1], train split into train/val with a fixed generator."""
+
+    def __init__(self, dataset: str = "FashionMNIST", data_dir: str = "data", system_dir: str | None = None,
+                 download: bool = False, batch_size: int = 128, val_size: int = 5000, split_seed: int = 0,
+                 seed: int = 0, image_shape: tuple[int, int, int] = (1, 28, 28)):
+        super().__init__()
+        self.dataset, self.data_dir, self.system_dir, self.download = dataset, data_dir, system_dir, download
+        self.batch_size, self.val_size, self.split_seed, self.seed = batch_size, val_size, split_seed, seed
+        self.image_shape = tuple(image_shape)
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        locate(self.data_dir, self.dataset, self.system_dir, self.download)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        raw_dir = locate(self.data_dir, self.dataset, self.system_dir, download=False)
+        images, labels = load_split(raw_dir, "train")
+        if not 0 < self.val_size < len(images):
+            raise ValueError(f"data.val_size={self.val_size} must be between 1 and {len(images) - 1}")
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
+        device = self._device()
+        self.train_set = (images[train_idx].to(device), labels[train_idx].to(device))
+        self.val_set = (images[val_idx].to(device), labels[val_idx].to(device))
+        test_images, test_labels = load_split(raw_dir, "test")
+        self.test_set = (test_images.to(device), test_labels.to(device))
+
+    def _device(self) -> torch.device:
+        # Hold the data where training runs (the GPU when there is one): batches then need no copy.
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _batches(self, tensors, shuffle: bool) -> TensorBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+        return TensorBatches(*tensors, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
+                             epoch_fn=epoch_fn, rank=rank, world_size=world)
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches(self.test_set, shuffle=False)
