@@ -1,0 +1,83 @@
+"""Shared test helpers: run the CLIs from the shell as a user would, on the real Fashion-MNIST."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+# The data cache the CLI uses (decompressed once from Debian's dataset-fashion-mnist by `make data`).
+DATA_DIR = Path(os.environ.get("VAELAB_DATA_DIR", REPO / "data"))
+
+# A few batches of real data: enough to train visibly, small enough for a test.
+FAST = [
+    "trainer.limit_train_batches=20",
+    "trainer.limit_val_batches=4",
+    "trainer.limit_test_batches=4",
+    "trainer.log_every_n_steps=5",
+    "batch_size=64",
+    "~callbacks.progress_bar",
+]
+
+
+def run_cli(*args: str, tool: str = "vaelab-train", check: bool = True, timeout: float = 300,
+            env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a console script and return the finished process; on failure show what it printed."""
+    full_env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_run(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """vaelab-train into run_dir with the FAST settings (later overrides win)."""
+    return run_cli(*FAST, f"hydra.run.dir={run_dir}", *overrides, check=check)
+
+
+def read_metrics(run_dir: Path) -> dict[str, float]:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def event_accumulator(run_dir: Path):
+    """TensorBoard's own reader over a run's event files (all of them, as TensorBoard shows them)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One short real training run shared by the read-only tests."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    train_run(run_dir, "epochs=2", "latent_dim=16", "noise_factor=0.3")
+    return run_dir
+
+
+@pytest.fixture
+def compose(tmp_path):
+    """Compose conf/train.yaml as vaelab-train would, with overrides, paths pointed into tmp_path."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def _compose(overrides: list[str]):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            cfg = hydra_compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", *overrides],
+                                return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} resolve outside a real run
+            with open_dict(cfg):
+                cfg.paths.output_dir = str(tmp_path / "run")
+                del cfg["hydra"]
+        return cfg
+
+    return _compose
