@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 # Debian's package holds the real Fashion-MNIST; vaelab decompresses it into data/ on first use.
 data:
 	@test -f $(FASHION_MNIST_DIR)/train-images-idx3-ubyte.gz || \
-	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q dataset-fashion-mnist; }
+	  { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }
 
 train: setup
 	$(VENV)/bin/vaelab-train $(ARGS)
