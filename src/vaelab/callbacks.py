@@ -1,0 +1,312 @@
+"""Pictures in TensorBoard: reconstructions, noisy reconstructions, interpolations, prior samples, latent map.
+
+Each picture is a Lightning callback with its own config in conf/callbacks/. They share one pattern
+(`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
+images; every `every_n_epochs` validation epochs a torchvision grid is drawn in eval mode without
+gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter and saved with the
+same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from pytorch_lightning import Callback, LightningModule, Trainer
+from pytorch_lightning.loggers import TensorBoardLogger
+from torchvision.utils import make_grid, save_image
+
+from vaelab.module import add_noise
+
+PADDING = 2       # pixels between the 28x28 cells of every grid
+PAD_VALUE = 1.0   # white lines: the images' own backgrounds are black
+INTERPOLATIONS = ("linear", "spherical")
+FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where most pictures are drawn
+
+
+def reconstruct(pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
+    """Decoded posterior means, as pixel probabilities: deterministic, so epochs compare."""
+    mu, _ = pl_module.encode(x)
+    return torch.sigmoid(pl_module.decode(mu))
+
+
+def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
+    """(pairs, steps, latent) points from a to b, endpoints exactly a and b.
+
+    spherical: along the great circle between the two directions (slerp), which keeps the norm of
+    Gaussian latents typical instead of cutting through the low-density centre; falls back to linear
+    where the two are (anti)parallel.
+    """
+    t = torch.linspace(0.0, 1.0, steps, device=a.device, dtype=a.dtype).view(1, -1, 1)
+    a, b = a.unsqueeze(1), b.unsqueeze(1)
+    linear = (1 - t) * a + t * b
+    if method == "linear":
+        return linear
+    omega = torch.acos(F.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)).unsqueeze(-1)
+    sin_omega = torch.sin(omega)
+    # The weights first, so that they are exactly 1 and 0 at the ends and the endpoints are a and b bit for bit.
+    weight_a, weight_b = torch.sin((1 - t) * omega) / sin_omega, torch.sin(t * omega) / sin_omega
+    return torch.where(sin_omega.abs() < 1e-6, linear, weight_a * a + weight_b * b)
+
+
+@contextmanager
+def evaluating(pl_module: LightningModule):
+    """Eval mode and no gradients for the duration, then the module's mode as it was."""
+    was_training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        pl_module.train(was_training)
+
+
+def tensorboard_writers(trainer: Trainer) -> list:
+    return [logger.experiment for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)]
+
+
+class PictureCallback(Callback):
+    """Pick fixed inputs once (seeded); every `every_n_epochs` validation epochs log the grids of `pictures`.
+
+    Subclasses set `name` (their file in conf/callbacks/), override `choose` (pick inputs when the data is
+    set up, before training starts) and `pictures` (tag -> image tensor (3, H, W) in [0, 1]).
+    """
+
+    name = "picture"
+
+    def __init__(self, every_n_epochs: int = 1, seed: int = 0, image_dir: str | None = None):
+        self.require(isinstance(every_n_epochs, int) and every_n_epochs >= 1, "every_n_epochs", every_n_epochs, "an integer >= 1")
+        self.every_n_epochs, self.seed = every_n_epochs, seed
+        self.image_dir = Path(image_dir) if image_dir else None  # None: <trainer.default_root_dir>/images
+
+    def require(self, ok: bool, key: str, value, what: str) -> None:
+        if not ok:
+            raise ValueError(f"callbacks.{self.name}.{key}={value!r}: it must be {what}; set it in conf/callbacks/{self.name}.yaml or from the shell")
+
+    def pick(self, tensors: tuple[torch.Tensor, torch.Tensor], n: int, key: str, per_value: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """n (image, label) pairs chosen by a generator seeded with `seed`: the same every epoch and every run.
+        `key` is the setting that asks for them, per_value images for each unit of it (2 for pairs)."""
+        images, labels = tensors
+        self.require(n <= len(images), key, n // per_value, f"at most {len(images) // per_value} ({len(images)} images to draw from)")
+        index = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[:n]
+        index = index.to(images.device)
+        return images[index], labels[index]
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        datamodule = trainer.datamodule
+        if datamodule is None or not hasattr(datamodule, "val_set"):
+            raise TypeError(f"callbacks.{self.name} needs a datamodule holding train_set/val_set/test_set tensors "
+                            f"(vaelab.data.MNISTLike); drop it with ~callbacks.{self.name}")
+        self.choose(datamodule, stage)
+
+    def choose(self, datamodule, stage: str) -> None:
+        pass
+
+    def pictures(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def due(self, trainer: Trainer) -> bool:
+        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.due(trainer):
+            self.publish(trainer, pl_module, self.pictures, f"epoch{trainer.current_epoch:03d}")
+
+    def publish(self, trainer: Trainer, pl_module: LightningModule, draw, suffix: str | None) -> None:
+        """Draw (rank 0 only: one set of pictures under DDP), then log and save every picture."""
+        if not trainer.is_global_zero:
+            return
+        with evaluating(pl_module):
+            pictures = draw(trainer, pl_module)
+        for tag, image in pictures.items():
+            self.log_image(trainer, tag, image, suffix)
+
+    def log_image(self, trainer: Trainer, tag: str, image: torch.Tensor, suffix: str | None) -> None:
+        image = image.detach().float().cpu()
+        # save_image's own rounding, done once here: TensorBoard and the PNG then hold the same pixels
+        # (SummaryWriter would truncate floats to uint8 instead of rounding them).
+        pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        for writer in tensorboard_writers(trainer):
+            writer.add_image(tag, pixels, global_step=trainer.global_step)
+        image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
+        image_dir.mkdir(parents=True, exist_ok=True)
+        stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
+        save_image(image, image_dir / f"{stem}.png")
+
+
+def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
+    return make_grid(images, nrow=ncols, padding=PADDING, pad_value=PAD_VALUE)
+
+
+class Reconstructions(PictureCallback):
+    """`reconstructions/train` and `reconstructions/val`: fixed inputs (top row) above their reconstructions
+    (bottom row) each epoch; `reconstructions/test` once on test images when the test stage runs."""
+
+    name = "reconstructions"
+
+    def __init__(self, num_images: int = 16, **kwargs):
+        super().__init__(**kwargs)
+        self.require(isinstance(num_images, int) and num_images >= 1, "num_images", num_images, "an integer >= 1")
+        self.num_images = num_images
+        self.inputs: dict[str, torch.Tensor] = {}
+
+    def choose(self, datamodule, stage: str) -> None:
+        splits = ["train", "val"] if stage in FIT_STAGES else ["test"] if stage == "test" else []
+        for split in splits:
+            self.inputs[split] = self.pick(getattr(datamodule, f"{split}_set"), self.num_images, "num_images")[0]
+
+    def draw(self, pl_module: LightningModule, split: str) -> torch.Tensor:
+        x = self.inputs[split]
+        return grid(torch.cat([x, reconstruct(pl_module, x)]), self.num_images)
+
+    def pictures(self, trainer, pl_module):
+        return {f"reconstructions/{split}": self.draw(pl_module, split) for split in ("train", "val")}
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.publish(trainer, pl_module, lambda trainer, m: {"reconstructions/test": self.draw(m, "test")}, None)
+
+
+class NoisyReconstructions(PictureCallback):
+    """`noisy_reconstructions`: fixed validation inputs, the same with Gaussian noise of `noise_factor`
+    (clipped to [0, 1], one fixed draw), and the reconstructions of the noisy inputs: three rows."""
+
+    name = "noisy_reconstructions"
+
+    def __init__(self, num_images: int = 16, noise_factor: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.require(isinstance(num_images, int) and num_images >= 1, "num_images", num_images, "an integer >= 1")
+        self.require(noise_factor >= 0, "noise_factor", noise_factor, ">= 0 (a standard deviation)")
+        self.num_images, self.noise_factor = num_images, float(noise_factor)
+        self.clean = self.noisy = None
+
+    def choose(self, datamodule, stage: str) -> None:
+        if stage in FIT_STAGES:
+            self.clean = self.pick(datamodule.val_set, self.num_images, "num_images")[0]
+            generator = torch.Generator(device=self.clean.device).manual_seed(self.seed)
+            self.noisy = add_noise(self.clean, self.noise_factor, generator)
+
+    def pictures(self, trainer, pl_module):
+        rows = torch.cat([self.clean, self.noisy, reconstruct(pl_module, self.noisy)])
+        return {"noisy_reconstructions": grid(rows, self.num_images)}
+
+
+class Interpolation(PictureCallback):
+    """`interpolation`: one row per pair of validation images: the first image, `steps` images decoded
+    along the path between the two latent means (its ends are the two reconstructions), the second image."""
+
+    name = "interpolation"
+
+    def __init__(self, num_pairs: int = 8, steps: int = 10, method: str = "linear", **kwargs):
+        super().__init__(**kwargs)
+        self.require(isinstance(num_pairs, int) and num_pairs >= 1, "num_pairs", num_pairs, "an integer >= 1")
+        self.require(isinstance(steps, int) and steps >= 2, "steps", steps, "an integer >= 2 (the two ends)")
+        self.require(method in INTERPOLATIONS, "method", method, f"one of {INTERPOLATIONS}")
+        self.num_pairs, self.steps, self.method = num_pairs, steps, method
+        self.starts = self.ends = None
+
+    def choose(self, datamodule, stage: str) -> None:
+        if stage in FIT_STAGES:
+            images = self.pick(datamodule.val_set, 2 * self.num_pairs, "num_pairs", per_value=2)[0]
+            self.starts, self.ends = images[: self.num_pairs], images[self.num_pairs :]
+
+    def pictures(self, trainer, pl_module):
+        z = interpolate(pl_module.encode(self.starts)[0], pl_module.encode(self.ends)[0], self.steps, self.method)
+        decoded = torch.sigmoid(pl_module.decode(z.flatten(0, 1))).unflatten(0, z.shape[:2])
+        rows = torch.cat([self.starts.unsqueeze(1), decoded, self.ends.unsqueeze(1)], dim=1)
+        return {"interpolation": grid(rows.flatten(0, 1), self.steps + 2)}
+
+
+class Samples(PictureCallback):
+    """`samples`: images decoded from z ~ N(0, temperature^2 I), the same seeded z every epoch."""
+
+    name = "samples"
+
+    def __init__(self, num_samples: int = 64, ncols: int = 8, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.require(isinstance(num_samples, int) and num_samples >= 1, "num_samples", num_samples, "an integer >= 1")
+        self.require(isinstance(ncols, int) and ncols >= 1, "ncols", ncols, "an integer >= 1")
+        self.require(temperature > 0, "temperature", temperature, "> 0")
+        self.num_samples, self.ncols, self.temperature = num_samples, ncols, float(temperature)
+
+    def pictures(self, trainer, pl_module):
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        return {"samples": grid(pl_module.sample(self.num_samples, self.temperature, generator), self.ncols)}
+
+
+def class_names(datamodule) -> list[str] | None:
+    """The dataset's class names as torchvision lists them (e.g. FashionMNIST.classes), or None."""
+    dataset = getattr(torchvision.datasets, str(getattr(datamodule, "dataset", "")), None)
+    return list(dataset.classes) if dataset is not None and hasattr(dataset, "classes") else None
+
+
+class LatentMap(PictureCallback):
+    """`latent_map`: with a 2-D latent space, every `every_n_epochs` epochs, the decoded manifold over a
+    grid of Gaussian quantiles (tag `latent_map`) and a scatter of validation latent means coloured by
+    class (tag `latent_map/scatter`); with a larger one, the validation latent means with their class
+    names and thumbnails in TensorBoard's PROJECTOR tab (tag `latent_map`), once, at the end of training."""
+
+    name = "latent_map"
+
+    def __init__(self, grid_size: int = 20, quantile_range: tuple[float, float] = (0.05, 0.95),
+                 num_points: int = 2000, **kwargs):
+        super().__init__(**kwargs)
+        self.require(isinstance(grid_size, int) and grid_size >= 2, "grid_size", grid_size, "an integer >= 2")
+        low, high = quantile_range
+        self.require(0 < low < high < 1, "quantile_range", list(quantile_range), "[low, high] with 0 < low < high < 1")
+        self.require(isinstance(num_points, int) and num_points >= 1, "num_points", num_points, "an integer >= 1")
+        self.grid_size, self.quantile_range, self.num_points = grid_size, (float(low), float(high)), num_points
+        self.images = self.labels = self.names = None
+
+    def choose(self, datamodule, stage: str) -> None:
+        if stage in FIT_STAGES:
+            self.images, self.labels = self.pick(datamodule.val_set, self.num_points, "num_points")
+            self.names = class_names(datamodule)
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if pl_module.hparams.latent_dim == 2:
+            super().on_validation_epoch_end(trainer, pl_module)
+
+    def manifold(self, pl_module: LightningModule) -> torch.Tensor:
+        """Decoded z over a regular grid of Gaussian quantiles: z[0] grows to the right, z[1] upwards."""
+        quantiles = torch.linspace(*self.quantile_range, self.grid_size, device=pl_module.device)
+        values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
+        z = torch.cartesian_prod(values.flip(0), values)[:, [1, 0]]  # row-major: top row first
+        return grid(torch.sigmoid(pl_module.decode(z)), self.grid_size)
+
+    def scatter(self, mu: torch.Tensor, epoch: int) -> torch.Tensor:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        mu, labels = mu.float().cpu().numpy(), self.labels.cpu().numpy()
+        figure = Figure(figsize=(6.4, 5.6), dpi=100)
+        canvas = FigureCanvasAgg(figure)
+        ax = figure.add_subplot()
+        points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.7)
+        handles, _ = points.legend_elements()
+        present = np.unique(labels)
+        names = [self.names[k] if self.names and k < len(self.names) else str(k) for k in present]
+        ax.legend(handles, names, fontsize=7, markerscale=0.8, loc="upper right")
+        ax.set(xlabel="z[0]", ylabel="z[1]", title=f"validation latent means, epoch {epoch}")
+        figure.tight_layout()
+        canvas.draw()
+        rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
+
+    def pictures(self, trainer, pl_module):
+        mu = pl_module.encode(self.images)[0]
+        return {"latent_map": self.manifold(pl_module), "latent_map/scatter": self.scatter(mu, trainer.current_epoch)}
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.hparams.latent_dim == 2 or not trainer.is_global_zero or self.images is None:
+            return
+        with evaluating(pl_module):
+            mu = pl_module.encode(self.images)[0].float().cpu()
+        labels = self.labels.cpu().tolist()
+        metadata = [self.names[k] if self.names and k < len(self.names) else str(k) for k in labels]
+        for writer in tensorboard_writers(trainer):
+            writer.add_embedding(mu, metadata=metadata, label_img=self.images.float().cpu(),
+                                 global_step=trainer.global_step, tag="latent_map")

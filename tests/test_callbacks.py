@@ -1,0 +1,264 @@
+"""The picture callbacks, from the shell: tags, sizes and pixels read back with TensorBoard's own reader,
+the PNG copies under images/, and a real tensorboard server over a finished run."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from PIL import Image
+
+from conftest import BIN, event_accumulator, train_run
+from vaelab.callbacks import interpolate
+
+CELL, PAD = 28, 2                     # make_grid's cells and padding in every grid
+STEPS = [20, 40]                      # global steps of the two validation epochs (20 batches each)
+EVERY_EPOCH = {                       # tag -> (grid rows, grid columns), with the default configs
+    "reconstructions/train": (2, 16),
+    "reconstructions/val": (2, 16),
+    "noisy_reconstructions": (3, 16),
+    "interpolation": (8, 12),         # 8 pairs: the two inputs around 10 decoded steps
+    "samples": (8, 8),
+}
+
+
+def grid_shape(rows: int, cols: int) -> tuple[int, int]:
+    """(height, width) in pixels of a make_grid grid of 28x28 images."""
+    return rows * (CELL + PAD) + PAD, cols * (CELL + PAD) + PAD
+
+
+def cells(image: np.ndarray, row: int, ncols: int) -> np.ndarray:
+    """The (ncols, 28, 28) grey cells of one grid row, pixels in [0, 1]."""
+    top = PAD + row * (CELL + PAD)
+    return np.stack([image[top : top + CELL, PAD + c * (CELL + PAD) : PAD + c * (CELL + PAD) + CELL, 0] for c in range(ncols)]) / 255.0
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def logged(acc, tag: str) -> list[tuple[int, np.ndarray]]:
+    """(step, HxWx3 uint8 pixels) of every image logged under tag, by step."""
+    return sorted((e.step, decode_png(e.encoded_image_string)) for e in acc.Images(tag))
+
+
+def png_name(tag: str, suffix: str) -> str:
+    return f"{tag.replace('/', '_')}_{suffix}.png"
+
+
+@pytest.fixture(scope="module")
+def latent16_run(tmp_path_factory) -> Path:
+    """Every picture on; lr 1e-2 so that 40 steps already give reconstructions that resemble their inputs."""
+    run = tmp_path_factory.mktemp("pictures") / "latent16"
+    train_run(run, "epochs=2", "latent_dim=16", "lr=1e-2", "noise_factor=0.3")
+    return run
+
+
+@pytest.fixture(scope="module")
+def latent2_run(tmp_path_factory) -> Path:
+    """A 2-D latent space under DDP (2 CPU ranks), samples switched off, spherical interpolation, the noisy
+    pictures every 2nd epoch and without noise."""
+    run = tmp_path_factory.mktemp("pictures") / "latent2"
+    train_run(run, "epochs=2", "latent_dim=2", "lr=1e-2", "noise_factor=0", "trainer=ddp", "~callbacks.samples",
+              "callbacks.interpolation.method=spherical", "callbacks.noisy_reconstructions.every_n_epochs=2")
+    return run
+
+
+def test_every_picture_is_logged_each_epoch_at_its_grid_size(latent16_run):
+    acc = event_accumulator(latent16_run)
+    tags = set(acc.Tags()["images"])
+    assert set(EVERY_EPOCH) | {"reconstructions/test"} == tags  # latent_map is a PROJECTOR entry at latent_dim 16
+    for tag, (rows, cols) in EVERY_EPOCH.items():
+        events = acc.Images(tag)
+        assert sorted(e.step for e in events) == STEPS, tag
+        for event in events:
+            assert (event.height, event.width) == grid_shape(rows, cols), tag
+    (test,) = acc.Images("reconstructions/test")
+    assert (test.height, test.width) == grid_shape(2, 16)
+
+
+def test_png_copies_hold_the_logged_pixels(latent16_run):
+    acc = event_accumulator(latent16_run)
+    expected = {png_name(tag, f"epoch{epoch:03d}") for tag in EVERY_EPOCH for epoch in (0, 1)} | {"reconstructions_test.png"}
+    assert {p.name for p in (latent16_run / "images").iterdir()} == expected
+    for tag in [*EVERY_EPOCH, "reconstructions/test"]:
+        files = sorted((latent16_run / "images").glob(f"{tag.replace('/', '_')}*.png"))
+        images = logged(acc, tag)
+        assert len(files) == len(images)
+        for path, (_, pixels) in zip(files, images):
+            assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), pixels), path
+
+
+def test_reconstructions_resemble_their_fixed_inputs(latent16_run):
+    acc = event_accumulator(latent16_run)
+    (_, first), (_, last) = logged(acc, "reconstructions/val")
+    inputs, recons = cells(last, 0, 16), cells(last, 1, 16)
+    assert np.array_equal(inputs, cells(first, 0, 16))  # the same inputs every epoch
+    assert not np.array_equal(inputs, cells(logged(acc, "reconstructions/train")[-1][1], 0, 16))
+    error = np.abs(recons[:, None] - inputs[None]).mean(axis=(2, 3))  # error[i, j]: reconstruction i vs input j
+    matched, others = np.diag(error).mean(), error[~np.eye(16, dtype=bool)].mean()
+    assert matched < 0.85 * others, (matched, others)
+    # and the model improved on them between the two epochs
+    assert np.abs(recons - inputs).mean() < np.abs(cells(first, 1, 16) - inputs).mean()
+
+
+def test_noisy_rows_differ_from_clean_rows_by_noise_factor(latent16_run):
+    acc = event_accumulator(latent16_run)
+    _, pixels = logged(acc, "noisy_reconstructions")[-1]
+    clean, noisy = cells(pixels, 0, 16), cells(pixels, 1, 16)
+    assert np.array_equal(clean, cells(logged(acc, "reconstructions/val")[-1][1], 0, 16))  # the same val inputs
+    # On black background pixels the noisy value is max(0, sigma * n), whose mean square is sigma^2 / 2.
+    background = clean == 0
+    assert background.sum() > 2000
+    estimate = np.sqrt(2 * np.mean(noisy[background] ** 2))
+    assert estimate == pytest.approx(0.3, rel=0.1)
+    assert not np.array_equal(cells(pixels, 2, 16), noisy)
+
+
+def test_no_noise_logs_the_clean_row_twice_on_its_own_schedule(latent2_run):
+    acc = event_accumulator(latent2_run)
+    (step, pixels), = logged(acc, "noisy_reconstructions")  # every_n_epochs=2: the second epoch only
+    assert step == STEPS[1]
+    assert np.array_equal(cells(pixels, 0, 16), cells(pixels, 1, 16))
+
+
+@pytest.mark.parametrize("run_fixture", ["latent16_run", "latent2_run"])  # linear, spherical
+def test_interpolation_ends_are_the_reconstructions_of_the_end_images(run_fixture, request):
+    from vaelab.module import VAE
+
+    run = request.getfixturevalue(run_fixture)
+    _, pixels = logged(event_accumulator(run), "interpolation")[-1]
+    # last.ckpt holds the weights that drew the last epoch's pictures (no step between them)
+    vae = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    rows = np.stack([cells(pixels, r, 12) for r in range(8)])  # (pairs, 12, 28, 28)
+    for input_col, decoded_col in [(0, 1), (11, 10)]:
+        images = torch.from_numpy(rows[:, input_col]).float().unsqueeze(1)  # PNG inputs are exact: k/255
+        with torch.no_grad():
+            recon = torch.sigmoid(vae.decode(vae.encode(images)[0])).squeeze(1).numpy()
+        # logged pixels are rounded to 1/255: the same decoding differs by at most half a level
+        assert np.abs(recon - rows[:, decoded_col]).max() <= 0.6 / 255
+    assert np.abs(rows[:, 1] - rows[:, 10]).mean() > 0.01  # the rows do travel
+
+
+def test_interpolation_paths():
+    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    for method in ("linear", "spherical"):
+        path = interpolate(a, b, 5, method)[0]
+        assert path.shape == (5, 2)
+        assert torch.equal(path[0], a[0]) and torch.equal(path[-1], b[0])
+    assert torch.allclose(interpolate(a, b, 5, "linear")[0, 2], torch.tensor([1.5, 1.5]))
+    # slerp keeps the norm between two equal-norm ends; the straight line cuts inside
+    assert torch.allclose(interpolate(a, b, 5, "spherical")[0].norm(dim=-1), torch.full((5,), 3.0))
+    parallel = interpolate(a, 2 * a, 3, "spherical")[0]
+    assert torch.allclose(parallel, torch.tensor([[3.0, 0.0], [4.5, 0.0], [6.0, 0.0]]))
+
+
+def test_latent_map_at_latent_dim_2_and_switched_off_picture_absent(latent2_run):
+    acc = event_accumulator(latent2_run)
+    tags = set(acc.Tags()["images"])
+    assert "samples" not in tags and not list((latent2_run / "images").glob("samples_*"))
+    assert {"latent_map", "latent_map/scatter", "interpolation", "reconstructions/val"} <= tags
+    manifold = logged(acc, "latent_map")
+    assert [step for step, _ in manifold] == STEPS  # under DDP: once per epoch, from rank 0 only
+    assert manifold[-1][1].shape[:2] == grid_shape(20, 20)
+    (_, scatter), _ = logged(acc, "latent_map/scatter")
+    assert scatter.shape == (560, 640, 3)
+    colourful = (scatter.max(axis=2).astype(int) - scatter.min(axis=2)) > 60  # class colours, not grey axes
+    assert colourful.mean() > 0.005
+    for step, pixels in manifold:
+        epoch = STEPS.index(step)
+        assert np.array_equal(np.asarray(Image.open(latent2_run / "images" / png_name("latent_map", f"epoch{epoch:03d}")).convert("RGB")), pixels)
+    assert (latent2_run / "images" / "latent_map_scatter_epoch001.png").exists()
+    assert not (latent2_run / "tensorboard" / "projector_config.pbtxt").exists()
+
+
+def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(latent16_run):
+    import torchvision
+    from vaelab.module import VAE
+
+    board = latent16_run / "tensorboard"
+    config = (board / "projector_config.pbtxt").read_text()
+    folder = board / f"{STEPS[-1]:05d}" / "latent_map"
+    assert 'tensor_name: "latent_map:00040"' in config and "sprite" in config
+    means = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert means.shape == (2000, 16)
+    names = (folder / "metadata.tsv").read_text().splitlines()
+    assert len(names) == 2000 and set(names) == set(torchvision.datasets.FashionMNIST.classes)
+    sprite = np.asarray(Image.open(folder / "sprite.png").convert("L")) / 255.0
+    side = 45  # ceil(sqrt(2000)) thumbnails a side
+    assert sprite.shape == (side * CELL, side * CELL)
+    thumbs = sprite.reshape(side, CELL, side, CELL).transpose(0, 2, 1, 3).reshape(-1, 1, CELL, CELL)[:2000]
+    vae = VAE.load_from_checkpoint(latent16_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    with torch.no_grad():
+        mu = vae.encode(torch.from_numpy(thumbs).float())[0].numpy()
+    # the sprite's pixels are truncated to 1/255, so its means differ slightly from the logged ones
+    assert np.abs(mu - means).max() < 0.05
+    assert np.abs(mu - np.roll(means, 1, axis=0)).mean() > 10 * np.abs(mu - means).mean()
+
+
+def test_bad_picture_settings_fail_naming_the_setting(compose):
+    cfg = compose(["callbacks.interpolation.method=cubic"])
+    with pytest.raises(InstantiationException, match=r"callbacks\.interpolation\.method='cubic'.*'linear', 'spherical'"):
+        instantiate(cfg.callbacks.interpolation)
+    cfg = compose(["callbacks.samples.num_samples=0"])
+    with pytest.raises(InstantiationException, match=r"callbacks\.samples\.num_samples=0"):
+        instantiate(cfg.callbacks.samples)
+    assert compose(["model.noise_factor=0.3"]).callbacks.noisy_reconstructions.noise_factor == 0.3
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_tensorboard_server_lists_tags_and_serves_images(latent16_run):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([str(BIN / "tensorboard"), "--logdir", str(latent16_run), "--host", "127.0.0.1",
+                               "--port", str(port), "--load_fast=false"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def get(path: str) -> bytes:
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return response.read()
+
+    try:
+        deadline, scalars = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                scalars = json.loads(get("/data/plugin/scalars/tags"))
+                if "val/loss" in scalars.get("tensorboard", {}):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert {"train/loss", "val/loss", "val/recon", "test/loss"} <= set(scalars.get("tensorboard", {})), scalars
+        images = json.loads(get("/data/plugin/images/tags"))["tensorboard"]
+        assert set(EVERY_EPOCH) | {"reconstructions/test"} <= set(images)
+        query = urllib.parse.urlencode({"run": "tensorboard", "tag": "samples", "sample": 0})
+        entries = json.loads(get(f"/data/plugin/images/images?{query}"))
+        assert [e["step"] for e in entries] == STEPS
+        png = get(f"/data/plugin/images/individualImage?{entries[-1]['query']}")
+        assert png.startswith(b"\x89PNG")
+        expected = np.asarray(Image.open(latent16_run / "images" / "samples_epoch001.png").convert("RGB"))
+        assert np.array_equal(decode_png(png), expected)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=10)
