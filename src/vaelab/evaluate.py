@@ -1,0 +1,221 @@
+"""`vaelab-eval`: how good is a trained VAE on the test set, in nats per image.
+
+- the negative ELBO, -E_q[log p(x|z)] + KL(q(z|x) || p(z)), and its two parts (beta = 1, whatever the training beta);
+- the importance-weighted estimate of -log p(x) (Burda et al., the IWAE bound):
+      -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x),
+  computed with logsumexp; it is never above the negative ELBO in expectation and tightens as K grows;
+- active units: latent dimensions u with Var_x(E_q[z_u|x]) > threshold (Burda et al.);
+- the reconstruction error of noisy inputs against the clean images, for each noise level.
+
+q(z|x) is N(mu, exp(logvar)) from the encoder. A checkpoint trained with the notebook's objective samples
+z = mu + exp(logvar) * eps * 0.1 instead; its likelihood is evaluated for the proper posterior N(mu, exp(logvar)),
+and eval.json says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.checkpoints import CheckpointError, load_vae, resolve_device
+from vaelab.module import VAE, add_noise, bernoulli_nll, gaussian_kl
+from vaelab.train import CONF_DIR
+
+log = logging.getLogger(__name__)
+LOG_2PI = math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def importance_weights(vae: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, num_samples: int,
+                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z_k) and log p(z_k) - log q(z_k|x) for z_k ~ N(mu, exp(logvar)), each shaped [num_samples, batch]."""
+    eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * eps
+    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (z - mu)^2 / var = eps^2
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    logits = vae.decode(z.flatten(0, 1))
+    targets = x.expand(num_samples, *x.shape).flatten(0, 1)
+    log_px_z = -bernoulli_nll(logits, targets).view(num_samples, -1)
+    return log_px_z, log_prior - log_q
+
+
+@torch.no_grad()
+def likelihood(vae: VAE, images: torch.Tensor, num_samples: int, pairs_per_pass: int = 20000,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Per-image negative ELBO parts, IWAE estimate of -log p(x) (nats) and posterior means, for every image.
+
+    The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
+    the KL term is exact. Images go through in chunks so that at most `pairs_per_pass` (image, sample)
+    pairs are decoded at once; with K above that, the samples of one image are split too.
+    """
+    per_chunk = max(1, pairs_per_pass // num_samples)
+    samples_per_pass = min(num_samples, pairs_per_pass)
+    out: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "nll_iwae": [], "mu": []}
+    for x in images.split(per_chunk):
+        mu, logvar = vae.encode(x)
+        log_px_z, log_ratio = [], []
+        for start in range(0, num_samples, samples_per_pass):
+            a, b = importance_weights(vae, x, mu, logvar, min(samples_per_pass, num_samples - start), generator)
+            log_px_z.append(a)
+            log_ratio.append(b)
+        log_px_z, log_ratio = torch.cat(log_px_z), torch.cat(log_ratio)
+        log_w = (log_px_z + log_ratio).double()
+        out["nll_iwae"].append(math.log(num_samples) - torch.logsumexp(log_w, dim=0))
+        out["recon"].append(-log_px_z.double().mean(0))
+        out["kl"].append(gaussian_kl(mu, logvar).double())
+        out["mu"].append(mu)
+    result = {key: torch.cat(values) for key, values in out.items()}
+    result["neg_elbo"] = result["recon"] + result["kl"]
+    return result
+
+
+def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """Latent units whose posterior mean varies across images: Var_x(E_q[z_u|x]) > threshold."""
+    return int((mu.double().var(dim=0, unbiased=False) > threshold).sum())
+
+
+@torch.no_grad()
+def noisy_input_errors(vae: VAE, images: torch.Tensor, noise_levels, batch_size: int = 1000,
+                       generator: torch.Generator | None = None) -> list[dict[str, float]]:
+    """For each noise std: decode the posterior mean of the noisy input, compare with the clean image.
+
+    recon_nats: Bernoulli negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
+    decoded means sigmoid(logits). Every level sees the same images; the noise comes from `generator`.
+    """
+    rows = []
+    for level in noise_levels:
+        nats, squared, count = 0.0, 0.0, 0
+        for x in images.split(batch_size):
+            noisy = add_noise(x, float(level), generator)
+            logits = vae.decode(vae.encode(noisy)[0])
+            nats += bernoulli_nll(logits, x).double().sum().item()
+            squared += (torch.sigmoid(logits) - x).double().pow(2).sum().item()
+            count += x.shape[0]
+        rows.append({"noise_level": float(level), "recon_nats": nats / count, "mse": squared / (count * x[0].numel())})
+    return rows
+
+
+def plot_noise_errors(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    """Error against noise level, nats/image and MSE/pixel side by side, as a PNG of 1000 x 400 pixels."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    levels = [r["noise_level"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for ax, key, label in [(axes[0], "recon_nats", "-log p(clean | decode(mu(noisy))), nats/image"),
+                           (axes[1], "mse", "MSE per pixel, decoded mean vs clean")]:
+        ax.plot(levels, [r[key] for r in rows], marker="o")
+        ax.set_xlabel("input noise std")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)  # no bbox_inches="tight": the size stays figsize * dpi
+    plt.close(fig)
+
+
+def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.device) -> dict:
+    """Every figure of eval.json for these test images (already on `device`)."""
+    num_samples = cfg.num_importance_samples or (1000 if device.type == "cuda" else 100)
+    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    started = time.perf_counter()
+    per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator)
+    noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator)
+    hp = vae.hparams
+    notes = ["nats per image; pixels are grey levels in [0, 1] (continuous, not binarized) under a Bernoulli likelihood",
+             "beta = 1 here (the true ELBO), whatever beta the model was trained with",
+             "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
+             "compared with the clean image"]
+    if hp.objective == "notebook":
+        notes.append("objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
+                     "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)")
+    return {
+        "ckpt_path": str(cfg.ckpt_path),
+        "dataset": str(cfg.data.dataset),
+        "split": "test",
+        "num_images": int(images.shape[0]),
+        "model": {"name": hp.name, "latent_dim": int(hp.latent_dim), "objective": hp.objective,
+                  "denoise": bool(hp.denoise), "noise_factor": float(hp.noise_factor), "beta": float(hp.beta)},
+        "posterior": "N(mu, exp(logvar))",
+        "num_importance_samples": int(num_samples),
+        "neg_elbo": per_image["neg_elbo"].mean().item(),
+        "recon": per_image["recon"].mean().item(),
+        "kl": per_image["kl"].mean().item(),
+        "nll_iwae": per_image["nll_iwae"].mean().item(),
+        "active_units": active_units(per_image["mu"], float(cfg.active_unit_threshold)),
+        "active_unit_threshold": float(cfg.active_unit_threshold),
+        "noisy_inputs": noisy,
+        "device": str(device),
+        "seconds": round(time.perf_counter() - started, 2),
+        "notes": notes,
+    }
+
+
+def summary(result: dict) -> str:
+    m = result["model"]
+    lines = [
+        f"{result['ckpt_path']}: {m['name']} VAE, latent {m['latent_dim']}, objective {m['objective']}, denoise {m['denoise']}",
+        f"{result['dataset']} test set, {result['num_images']} images, nats/image:",
+        f"  negative ELBO  {result['neg_elbo']:9.2f}  (recon {result['recon']:.2f} + KL {result['kl']:.2f})",
+        f"  -log p(x) IWAE {result['nll_iwae']:9.2f}  (K = {result['num_importance_samples']})",
+        f"  active units   {result['active_units']:6d} of {m['latent_dim']}  (Var_x E[z|x] > {result['active_unit_threshold']})",
+        "  noise std   recon nats   MSE/pixel",
+    ]
+    lines += [f"  {r['noise_level']:9.2f}   {r['recon_nats']:10.2f}   {r['mse']:9.5f}" for r in result["noisy_inputs"]]
+    if m["objective"] == "notebook":
+        lines.append("  note: " + result["notes"][-1])
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
+    if cfg.num_importance_samples is not None and int(cfg.num_importance_samples) < 1:
+        raise ValueError(f"num_importance_samples={cfg.num_importance_samples} must be at least 1 (or null: 1000 on a GPU, 100 on the CPU)")
+    if any(float(level) < 0 for level in cfg.noise_levels):
+        raise ValueError(f"noise_levels={list(cfg.noise_levels)} must all be >= 0 (they are noise standard deviations)")
+    output_dir = Path(cfg.paths.output_dir)
+    device = resolve_device(cfg.device)
+    vae = load_vae(cfg.ckpt_path, device)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("test")
+    images = datamodule.test_set[0]
+    if cfg.num_images is not None:
+        images = images[: int(cfg.num_images)]
+    model_shape = tuple(vae.hparams.encoder.get("image_shape") or images.shape[1:])
+    if model_shape != tuple(images.shape[1:]):
+        raise ValueError(f"the checkpoint's model takes {model_shape} images but data={cfg.data.dataset} has "
+                         f"{tuple(images.shape[1:])}; pass the data config it was trained on")
+    result = evaluate(vae, images.to(device), cfg, device)
+    (output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    title = (f"{Path(str(cfg.ckpt_path)).name}: latent {result['model']['latent_dim']}, "
+             f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})")
+    plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
+    log.info("\n%s", summary(result))
+    log.info("wrote %s and %s", output_dir / "eval.json", output_dir / "noise_error.png")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """Entry point of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        sys.exit("vaelab-eval: error: ckpt_path is required, e.g. vaelab-eval ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
+    try:
+        return run(cfg)["nll_iwae"]
+    except CheckpointError as err:
+        sys.exit(f"vaelab-eval: error: {err}")  # one line on stderr, exit status 1
+
+
+if __name__ == "__main__":
+    main()
