@@ -198,7 +198,7 @@ def run(cfg: DictConfig) -> dict:
                          f"{tuple(images.shape[1:])}; pass the data config it was trained on")
     result = evaluate(vae, images.to(device), cfg, device)
     (output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"{Path(str(cfg.ckpt_path)).name}: latent {result['model']['latent_dim']}, "
+    title = (f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
              f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})")
     plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
     log.info("\n%s", summary(result))
