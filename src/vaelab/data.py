@@ -10,6 +10,8 @@ from typing import Callable, Iterator
 import pytorch_lightning as pl
 import torch
 
+from vaelab.validate import UserError  # shown as one line by vaelab-train, no traceback
+
 # (file stem, IDX magic number, shape after the header) for each split and kind.
 IDX_FILES = {
     ("train", "images"): ("train-images-idx3-ubyte", 2051, (60000, 28, 28)),
@@ -19,11 +21,11 @@ IDX_FILES = {
 }
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(UserError, FileNotFoundError):
     pass
 
 
-class CorruptDataError(ValueError):
+class CorruptDataError(UserError, ValueError):
     pass
 
 

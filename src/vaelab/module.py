@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.reliability import check_finite
+
 OBJECTIVES = ("elbo", "notebook")
 
 
@@ -107,6 +109,7 @@ class VAE(pl.LightningModule):
         x, _ = batch
         x_in = add_noise(x, self.hparams.noise_factor) if self.hparams.denoise else x
         loss = self.loss(x_in, x)["loss"]
+        check_finite(loss, self.trainer, batch_idx=batch_idx)  # a NaN/inf stops the run here, before the optimizer step
         # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
         detached = loss.detach().float()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
@@ -139,6 +142,8 @@ class VAE(pl.LightningModule):
         self._eval_step(batch[0])
 
     def on_validation_epoch_end(self):
+        if "loss" in self._eval_sums:  # before ModelCheckpoint runs: a non-finite model is never saved as last.ckpt
+            check_finite(self._eval_sums["loss"], self.trainer, "validation loss")
         self._log_eval("val")
 
     def test_step(self, batch, batch_idx):

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 import hydra
-import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+
+from vaelab.resume import ResumeError, logger_kwargs, resume_argv, resume_point
+from vaelab.validate import check_output_dir, exit_cleanly, validate
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +55,35 @@ def write_hparams(logger, params: dict, metrics: dict[str, float]) -> None:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test one configuration; returns the final val/* and test/* metrics (also in metrics.json)."""
-    output_dir = Path(cfg.paths.output_dir)
+    validate(cfg)  # first: a bad value costs a fraction of a second, before torch is imported or data read
+    if cfg.get("resume_from"):
+        raise ResumeError("resume_from is read by the vaelab-train command line; from Python, compose the run's "
+                          ".hydra/config.yaml with hydra.run.dir=<run dir> and ckpt_path=last")
+    output_dir = check_output_dir(cfg.paths.output_dir)
+    resume = resume_point(cfg)  # ckpt_path checked whole, before any data is read
+    import pytorch_lightning as pl
+    import torch
+
+    from vaelab.reliability import interruptions
+
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
     model: pl.LightningModule = instantiate(cfg.model)
-    loggers = [instantiate(c) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
+    loggers = [instantiate(c, **logger_kwargs(c, resume)) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
     callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.get("callbacks") else []
     trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    with interruptions(trainer, output_dir):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.path if resume else None)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
     if cfg.test_after_fit and not trainer.interrupted:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        with interruptions(trainer, output_dir):
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
     if trainer.is_global_zero:
@@ -84,9 +98,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Entry point of `vaelab-train`; returns the final val/loss for sweepers to minimise."""
-    return train(cfg).get("val/loss")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """The Hydra task; returns the final val/loss for sweepers to minimise. Bad input ends in one line."""
+    with exit_cleanly("vaelab-train"):
+        return train(cfg).get("val/loss")
+
+
+def main() -> None:
+    """Entry point of `vaelab-train`: `resume_from=<run dir>` becomes that run's saved config (vaelab.resume)."""
+    with exit_cleanly("vaelab-train"):
+        sys.argv = resume_argv(sys.argv)
+    hydra_main()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""What the reliability guards cost, as ratios measured in one run.
+
+    .venv/bin/python benchmarks/reliability_overhead.py [--steps 300] [--batch-size 128] [--saves 20] [--threads 1]
+
+- The non-finite-loss check (vaelab.reliability.check_finite, one per training step) against a whole
+  training step of the default model (dense, latent 256: forward, loss, backward, fused Adam), interleaved
+  so machine noise hits both alike.
+- AtomicCheckpointIO (temporary file, fsync, rename) against Lightning's TorchCheckpointIO, saving the
+  same checkpoint of the default model (its weights and Adam state).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
+
+from vaelab.module import elbo_loss
+from vaelab.networks import DenseDecoder, DenseEncoder
+from vaelab.reliability import AtomicCheckpointIO
+
+
+class _Trainer:  # what check_finite reads when the loss is bad (never, here)
+    global_step = current_epoch = 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--saves", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from vaelab.reliability import check_finite
+
+    encoder, decoder = DenseEncoder(256, (1, 28, 28)), DenseDecoder(256, (1, 28, 28))
+    params = [*encoder.parameters(), *decoder.parameters()]
+    optimizer = torch.optim.Adam(params, lr=1e-3, fused=True)
+    x = torch.rand(args.batch_size, 1, 28, 28)
+    trainer = _Trainer()
+
+    step_times, check_times = [], []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        mu, logvar = encoder(x)
+        z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
+        loss = elbo_loss(decoder(z), x, mu, logvar)["loss"]
+        checked = time.perf_counter()
+        check_finite(loss, trainer, batch_idx=0)
+        check_times.append(time.perf_counter() - checked)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        step_times.append(time.perf_counter() - start)
+    step, check = statistics.median(step_times[10:]), statistics.median(check_times[10:])
+    print(f"training step (batch {args.batch_size}, incl. the check): median {step * 1e3:.2f} ms")
+    print(f"check_finite: median {check * 1e6:.1f} us = {check / step:.2%} of a step")
+
+    checkpoint = {"state_dict": {**encoder.state_dict(), **decoder.state_dict()}, "optimizer_states": [optimizer.state_dict()]}
+    with tempfile.TemporaryDirectory() as folder:
+        times = {"TorchCheckpointIO (Lightning)": [], "AtomicCheckpointIO (vaelab)": []}
+        plugins = {"TorchCheckpointIO (Lightning)": TorchCheckpointIO(), "AtomicCheckpointIO (vaelab)": AtomicCheckpointIO()}
+        for _ in range(args.saves):  # alternated, so both see the same disk and page cache conditions
+            for name, plugin in plugins.items():
+                start = time.perf_counter()
+                plugin.save_checkpoint(checkpoint, Path(folder) / "last.ckpt")
+                times[name].append(time.perf_counter() - start)
+        size = (Path(folder) / "last.ckpt").stat().st_size
+    base = statistics.median(times["TorchCheckpointIO (Lightning)"])
+    for name, values in times.items():
+        print(f"{name}: median {statistics.median(values) * 1e3:.1f} ms per {size / 1e6:.1f} MB checkpoint "
+              f"({statistics.median(values) / base:.2f}x Lightning's)")
+
+
+if __name__ == "__main__":
+    main()
