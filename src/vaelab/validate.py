@@ -168,7 +168,8 @@ def disk_message(err: OSError) -> str:
         then = f"; then continue with: vaelab-train resume_from={run_dir}"
     else:
         then = "; then start the run again"
-    return (f"cannot write {err.filename or 'to disk'}: {err.strerror or err}. Everything written before is kept "
+    verb = "cannot access" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # a permission error may be a read
+    return (f"{verb} {err.filename or 'the disk'}: {err.strerror or err}. Everything written before is kept "
             f"(checkpoints are replaced only once the new one is whole). Free some space or choose a writable "
             f"directory (hydra.run.dir=<dir>){then}")
 
