@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vaelab.resume import ResumeError, logger_kwargs, resume_argv, resume_point
+from vaelab.sweep import objective, parallel_threads
 from vaelab.validate import check_output_dir, exit_cleanly, validate
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     from vaelab.reliability import interruptions
 
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.threads or parallel_threads()  # in a joblib sweep, null shares the cores out among the jobs
+    if threads:
+        torch.set_num_threads(int(threads))
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = instantiate(cfg.data)
@@ -99,9 +101,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task; returns the final val/loss for sweepers to minimise. Bad input ends in one line."""
+    """The Hydra task; returns the final val/recon + val/kl (val/loss at beta 1) for sweepers to minimise
+    (vaelab.sweep.objective). Bad input ends in one line."""
     with exit_cleanly("vaelab-train"):
-        return train(cfg).get("val/loss")
+        return objective(train(cfg))
 
 
 def main() -> None:

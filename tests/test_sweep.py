@@ -1,0 +1,147 @@
+"""Sweeps from the shell: the basic and joblib launchers, the summary, a failed job, Optuna, DDP on CPU, SLURM."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import yaml
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from conftest import FAST, event_accumulator, read_metrics, run_cli
+
+# A few batches per job: sweeps pay a start-up per job, so the jobs themselves are kept tiny.
+SWEEP_FAST = [*FAST, "epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
+              "trainer.limit_test_batches=2"]
+
+
+def sweep(sweep_dir, *overrides, check=True):
+    return run_cli("-m", *SWEEP_FAST, f"hydra.sweep.dir={sweep_dir}", *overrides, check=check)
+
+
+def summary_rows(sweep_dir) -> list[dict[str, str]]:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def job_dirs(sweep_dir):
+    return sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
+
+
+def hparams_of_run(run_dir) -> dict:
+    content = event_accumulator(run_dir).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
+def test_joblib_sweep_runs_jobs_in_parallel_each_in_its_own_tensorboard_run(tmp_path):
+    sweep_dir = tmp_path / "joblib"
+    proc = sweep(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "latent_dim=2,16", "noise_factor=0.1,0.3")
+    jobs = job_dirs(sweep_dir)
+    # each job its own directory, named by its number and overrides, each a TensorBoard run of its own
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1", "2", "3"]
+    expected = [(2, 0.1), (2, 0.3), (16, 0.1), (16, 0.3)]
+    from joblib import cpu_count
+
+    for job, (latent, noise) in zip(jobs, expected):
+        assert f"latent_dim={latent}" in job.name and f"noise_factor={noise}" in job.name
+        acc = event_accumulator(job)
+        assert {"val/loss", "test/loss", "train/loss"} <= set(acc.Tags()["scalars"])
+        params = hparams_of_run(job)  # the HPARAMS tab's row for this run, compared by the final val/loss
+        assert params["latent_dim"] == latent and params["noise_factor"] == pytest.approx(noise)
+        assert (job / "checkpoints" / "last.ckpt").exists()
+        # two jobs at once share the cores: each torch gets cores // 2 threads (1 on a 2-core machine)
+        assert f"{max(1, cpu_count() // 2)} torch thread(s) per job" in (job / "train.log").read_text()
+
+    rows = summary_rows(sweep_dir)
+    assert len(rows) == 4 and {r["status"] for r in rows} == {"ok"}
+    nelbo = [float(r["val/nelbo"]) for r in rows]
+    assert nelbo == sorted(nelbo)  # best first
+    for row in rows:
+        metrics = read_metrics(sweep_dir / row["dir"])
+        assert float(row["val/loss"]) == pytest.approx(metrics["val/loss"])
+        assert float(row["test/loss"]) == pytest.approx(metrics["test/loss"])
+        assert float(row["val/nelbo"]) == pytest.approx(metrics["val/recon"] + metrics["val/kl"])
+        assert row["epochs"] == "1" and float(row["wall_time_s"]) > 0 and row["error"] == ""
+    assert "sweep summary:" in proc.stdout
+    table = (sweep_dir / "summary.md").read_text()
+    assert "4 jobs: 4 ok, 0 failed" in table and table.count("| ok |") == 4
+
+
+def test_basic_sweep_with_a_failing_job_finishes_the_others_and_summarises_all(tmp_path):
+    sweep_dir = tmp_path / "basic"
+    proc = sweep(sweep_dir, "latent_dim=2,16", "model.objective=elbo,bogus", check=False)
+    assert proc.returncode != 0  # Hydra's basic sweeper reports the failure after running every job
+    assert len(job_dirs(sweep_dir)) == 4
+    rows = summary_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
+    ok, failed = rows[:2], rows[2:]
+    assert float(ok[0]["val/nelbo"]) <= float(ok[1]["val/nelbo"])
+    for row in ok:
+        assert "model.objective=elbo" in row["overrides"] and row["error"] == ""
+        assert list((sweep_dir / row["dir"] / "tensorboard").glob("events.out.tfevents.*"))
+        assert event_accumulator(sweep_dir / row["dir"]).Scalars("val/loss")
+    for row in failed:
+        assert "model.objective=bogus" in row["overrides"]
+        assert "bogus" in row["error"] and row["val/loss"] == "" and row["epochs"] == ""
+        assert not (sweep_dir / row["dir"] / "metrics.json").exists()
+    assert sorted(r["job"] for r in failed) == ["1", "3"]
+    assert "2 ok, 2 failed" in (sweep_dir / "summary.md").read_text()
+
+
+def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path):
+    sweep_dir = tmp_path / "optuna"
+    # latent and beta fixed, so the seeded random sampler draws lr only: 1e6 (NaN at the first step), then 1e-3
+    proc = sweep(sweep_dir, "hparams_search=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
+                 "hydra.sweeper.n_trials=2", "latent_dim=256", "beta=1.0", "lr=choice(1e-3,1e6)")
+    rows = summary_rows(sweep_dir)
+    assert sorted(r["overrides"].split()[0] for r in rows) == ["lr=0.001", "lr=1000000.0"], "the sampler drew other values"
+    assert [(r["status"], r["overrides"].split()[0]) for r in rows] == [("ok", "lr=0.001"), ("failed", "lr=1000000.0")]
+    assert "nan" in rows[1]["error"] and "lower the learning rate" in rows[1]["error"]
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    assert results["best_params"]["lr"] == pytest.approx(1e-3)
+    assert results["best_value"] == pytest.approx(float(rows[0]["val/nelbo"]))
+    assert proc.returncode == 0
+
+
+def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(*FAST, "trainer=ddp", "trainer.devices=2", "epochs=1", "trainer.limit_train_batches=6",
+                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in proc.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # both ranks wrote into the one Hydra run dir
+    metrics = read_metrics(run_dir)
+    assert metrics["val/loss"] > 0 and metrics["test/loss"] > 0
+    assert metrics["val/loss"] == pytest.approx(metrics["val/recon"] + metrics["val/kl"], rel=1e-5)
+    assert (run_dir / "checkpoints" / "last.ckpt").exists()
+    assert len(list((run_dir / "checkpoints").glob("best-epoch*.ckpt"))) == 1
+    acc = event_accumulator(run_dir)
+    # each scalar written once (by rank 0): one val/loss point for one epoch, not one per rank
+    assert len(acc.Scalars("val/loss")) == 1 and len(acc.Scalars("test/loss")) == 1
+    assert acc.Scalars("val/loss")[0].value == pytest.approx(metrics["val/loss"], rel=1e-6)
+    assert hparams_of_run(run_dir)["latent_dim"] == 256
+
+
+def test_slurm_and_optuna_presets_compose():
+    hydra_cfg = yaml.safe_load(run_cli("hydra/launcher=slurm", "--cfg", "hydra").stdout)["hydra"]
+    launcher = hydra_cfg["launcher"]
+    assert launcher["_target_"].endswith("submitit_launcher.SlurmLauncher")
+    assert launcher["timeout_min"] == 120 and launcher["gpus_per_node"] == 1 and launcher["tasks_per_node"] == 1
+    assert launcher["cpus_per_task"] == 8 and launcher["mem_gb"] == 32 and "partition" in launcher
+    out = run_cli("hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra").stdout
+    assert yaml.safe_load(out)["hydra"]["launcher"]["partition"] == "gpu"
+
+    sweeper = yaml.safe_load(run_cli("hparams_search=optuna", "--cfg", "hydra").stdout)["hydra"]["sweeper"]
+    assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "minimize"
+    assert set(sweeper["params"]) == {"latent_dim", "lr", "beta"} and "log" in sweeper["params"]["lr"]
+    assert sweeper["max_failure_rate"] == 1.0
+
+
+def test_objective_is_the_negative_elbo_and_never_nan():
+    from vaelab.sweep import NonFiniteObjective, objective
+
+    assert objective({"val/loss": 103.0, "val/recon": 100.0, "val/kl": 6.0}) == 106.0  # beta = 0.5: not val/loss
+    assert objective({"test/loss": 1.0}) is None  # no validation: Optuna records a failed trial
+    with pytest.raises(NonFiniteObjective, match="nan"):
+        objective({"val/recon": math.nan, "val/kl": 1.0})
