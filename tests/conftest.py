@@ -70,6 +70,8 @@ def compose(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
+    import vaelab  # noqa: F401  registers vaelab's config resolvers, as vaelab-train does
+
     def _compose(overrides: list[str]):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
             cfg = hydra_compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", *overrides],

@@ -99,7 +99,8 @@ class VAE(pl.LightningModule):
         return torch.sigmoid(self.decode(z))
 
     def loss(self, x_in: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits, mu, logvar = self(x_in)
+        # The loss in fp32 even under bf16 autocast: sums over 784 pixels and the latent are too coarse in bf16.
+        logits, mu, logvar = (t.float() for t in self(x_in))
         if self.hparams.objective == "notebook":
             return notebook_loss(logits, target, mu, logvar)
         return elbo_loss(logits, target, mu, logvar, self.hparams.beta)
