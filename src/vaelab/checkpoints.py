@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from vaelab.module import VAE
+from vaelab.validate import UserError
 
 # Where the classes a checkpoint may ask to build live: vaelab's networks and torch's layers and optimizers.
 SAFE_TARGET_PREFIXES = ("vaelab.networks.", "torch.nn.", "torch.optim.")
 HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used; the message names the file and what to do."""
 
 

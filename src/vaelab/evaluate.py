@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -26,9 +25,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.checkpoints import CheckpointError, load_vae, resolve_device
+from vaelab.checkpoints import load_vae, resolve_device
 from vaelab.module import VAE, add_noise, bernoulli_nll, gaussian_kl
 from vaelab.train import CONF_DIR
+from vaelab.validate import UserError, exit_cleanly
 
 log = logging.getLogger(__name__)
 LOG_2PI = math.log(2 * math.pi)
@@ -209,12 +209,10 @@ def run(cfg: DictConfig) -> dict:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig) -> float:
     """Entry point of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        sys.exit("vaelab-eval: error: ckpt_path is required, e.g. vaelab-eval ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
-    try:
+    with exit_cleanly("vaelab-eval"):  # a bad checkpoint or a missing ckpt_path: one line on stderr, exit status 1
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise UserError("ckpt_path is required, e.g. vaelab-eval ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
         return run(cfg)["nll_iwae"]
-    except CheckpointError as err:
-        sys.exit(f"vaelab-eval: error: {err}")  # one line on stderr, exit status 1
 
 
 if __name__ == "__main__":

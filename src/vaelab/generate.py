@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 import hydra
@@ -17,9 +16,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.checkpoints import CheckpointError, load_vae, resolve_device
+from vaelab.checkpoints import load_vae, resolve_device
 from vaelab.module import VAE
 from vaelab.train import CONF_DIR
+from vaelab.validate import UserError, exit_cleanly
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +73,10 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
 def main(cfg: DictConfig) -> None:
     """Entry point of `vaelab-generate`."""
-    if OmegaConf.is_missing(cfg, "ckpt_path"):
-        sys.exit("vaelab-generate: error: ckpt_path is required, e.g. vaelab-generate ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
-    try:
+    with exit_cleanly("vaelab-generate"):  # a bad checkpoint or a missing ckpt_path: one line on stderr, exit status 1
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise UserError("ckpt_path is required, e.g. vaelab-generate ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
         run(cfg)
-    except CheckpointError as err:
-        sys.exit(f"vaelab-generate: error: {err}")  # one line on stderr, exit status 1
 
 
 if __name__ == "__main__":
