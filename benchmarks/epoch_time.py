@@ -4,7 +4,7 @@
 
 All loops train the dense model (latent 256) on the same 55,000 in-memory Fashion-MNIST images with
 the same loss (negative ELBO), and each epoch includes one validation pass over the 5,000 validation
-images (Lightning runs it inside the epoch). Each is timed on its second epoch (the first warms up).
+images (Lightning runs it inside the epoch), in batches of vaelab's data.eval_batch_size for all loops. Each is timed on its second epoch (the first warms up).
 - hand-written: what a user writes by hand: fp32, torch.optim.Adam with its defaults;
 - same-levers: a bare loop with vaelab's optimizer (fused Adam) and precision;
 - vaelab: `train()` with the default config (TensorBoard logger, checkpointing, progress bar on).
@@ -61,18 +61,18 @@ def compose_train(overrides: list[str], output_dir: Path):
     return cfg
 
 
-def vaelab_epoch(batch_size: int) -> tuple[float, str, str]:
-    """Second-epoch time of vaelab's default configuration; also returns its optimizer and precision."""
+def vaelab_epoch(batch_size: int) -> tuple[float, str, str, int]:
+    """Second-epoch time of vaelab's default configuration; also its optimizer, precision and eval batch size."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_train([f"batch_size={batch_size}", "epochs=2", "test_after_fit=false",
                              "+callbacks.epoch_timer._target_=__main__.EpochTimer"], Path(tmp))
         EpochTimer.times.clear()
         train(cfg)
         fused = bool(cfg.model.optimizer.get("fused", False))
-        return EpochTimer.times[-1], ("fused" if fused else "default"), str(cfg.trainer.precision)
+        return EpochTimer.times[-1], ("fused" if fused else "default"), str(cfg.trainer.precision), int(cfg.data.eval_batch_size)
 
 
-def bare_epoch(images, val_images, batch_size: int, fused: bool, bf16: bool, seed: int = 0) -> float:
+def bare_epoch(images, val_images, batch_size: int, eval_batch_size: int, fused: bool, bf16: bool, seed: int = 0) -> float:
     """A hand-written loop over the same tensors, same model and loss; second-epoch time."""
     torch.manual_seed(seed)
     encoder, decoder = DenseEncoder(LATENT), DenseDecoder(LATENT)
@@ -93,7 +93,7 @@ def bare_epoch(images, val_images, batch_size: int, fused: bool, bf16: bool, see
             loss.backward()
             optimizer.step()
         with torch.no_grad(), autocast():
-            for x in val_images.split(batch_size):
+            for x in val_images.split(eval_batch_size):
                 mu, logvar = encoder(x)
                 elbo_loss(decoder(mu).float(), x, mu.float(), logvar.float())
         times.append(time.perf_counter() - start)
@@ -121,10 +121,10 @@ def main() -> None:
     rows = []
     for batch_size in args.batch_sizes:
         for repeat in range(args.repeats):
-            vaelab_s, optimizer, precision = vaelab_epoch(batch_size)
+            vaelab_s, optimizer, precision, eval_batch_size = vaelab_epoch(batch_size)
             bf16 = precision.startswith("bf16")
-            hand_s = bare_epoch(images, val_images, batch_size, fused=False, bf16=False)
-            same_s = bare_epoch(images, val_images, batch_size, fused=optimizer == "fused", bf16=bf16)
+            hand_s = bare_epoch(images, val_images, batch_size, eval_batch_size, fused=False, bf16=False)
+            same_s = bare_epoch(images, val_images, batch_size, eval_batch_size, fused=optimizer == "fused", bf16=bf16)
             rows.append((batch_size, repeat, hand_s, same_s, vaelab_s))
             print(f"batch {batch_size:4d} #{repeat}: hand-written {hand_s:.2f} s  same-levers ({optimizer} Adam, {precision}) "
                   f"{same_s:.2f} s  vaelab {vaelab_s:.2f} s  ->  vaelab/hand {vaelab_s / hand_s:.2f}x  "

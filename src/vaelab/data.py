@@ -142,11 +142,12 @@ class MNISTLike(pl.LightningDataModule):
     """Fashion-MNIST or MNIST: 28x28 grey images in [0, 1], train split into train/val with a fixed generator."""
 
     def __init__(self, dataset: str = "FashionMNIST", data_dir: str = "data", system_dir: str | None = None,
-                 download: bool = False, batch_size: int = 128, val_size: int = 5000, split_seed: int = 0,
+                 download: bool = False, batch_size: int = 128, eval_batch_size: int = 1000, val_size: int = 5000, split_seed: int = 0,
                  seed: int = 0, image_shape: tuple[int, int, int] = (1, 28, 28)):
         super().__init__()
         self.dataset, self.data_dir, self.system_dir, self.download = dataset, data_dir, system_dir, download
         self.batch_size, self.val_size, self.split_seed, self.seed = batch_size, val_size, split_seed, seed
+        self.eval_batch_size = eval_batch_size
         self.image_shape = tuple(image_shape)
         self.train_set = self.val_set = self.test_set = None
 
@@ -173,18 +174,18 @@ class MNISTLike(pl.LightningDataModule):
         trainer = self.trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
-    def _batches(self, tensors, shuffle: bool) -> TensorBatches:
+    def _batches(self, tensors, shuffle: bool, batch_size: int) -> TensorBatches:
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-        return TensorBatches(*tensors, batch_size=self.batch_size, shuffle=shuffle, seed=self.seed,
+        return TensorBatches(*tensors, batch_size=batch_size, shuffle=shuffle, seed=self.seed,
                              epoch_fn=epoch_fn, rank=rank, world_size=world)
 
     def train_dataloader(self) -> TensorBatches:
-        return self._batches(self.train_set, shuffle=True)
+        return self._batches(self.train_set, shuffle=True, batch_size=self.batch_size)
 
     def val_dataloader(self) -> TensorBatches:
-        return self._batches(self.val_set, shuffle=False)
+        return self._batches(self.val_set, shuffle=False, batch_size=self.eval_batch_size)
 
     def test_dataloader(self) -> TensorBatches:
-        return self._batches(self.test_set, shuffle=False)
+        return self._batches(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
