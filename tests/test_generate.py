@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
+from vaelab.callbacks import interpolation_rows
 from vaelab.checkpoints import CheckpointError, load_vae
-from vaelab.generate import interpolation_rows
 
 
 def only_run_dir(root):

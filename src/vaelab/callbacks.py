@@ -53,6 +53,16 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "lin
     return torch.where(sin_omega.abs() < 1e-6, linear, weight_a * a + weight_b * b)
 
 
+@torch.no_grad()
+def interpolation_rows(vae: LightningModule, starts: torch.Tensor, ends: torch.Tensor, num_steps: int,
+                       method: str = "linear") -> torch.Tensor:
+    """[pairs * (num_steps + 2), C, H, W]: per pair, the start image, num_steps images decoded along the path
+    between the two posterior means (its ends are the two reconstructions), the end image."""
+    z = interpolate(vae.encode(starts)[0], vae.encode(ends)[0], num_steps, method)
+    decoded = torch.sigmoid(vae.decode(z.flatten(0, 1))).unflatten(0, z.shape[:2])
+    return torch.cat([starts.unsqueeze(1), decoded, ends.unsqueeze(1)], dim=1).flatten(0, 1)
+
+
 @contextmanager
 def evaluating(pl_module: LightningModule):
     """Eval mode and no gradients for the duration, then the module's mode as it was."""
@@ -214,10 +224,8 @@ class Interpolation(PictureCallback):
             self.starts, self.ends = images[: self.num_pairs], images[self.num_pairs :]
 
     def pictures(self, trainer, pl_module):
-        z = interpolate(pl_module.encode(self.starts)[0], pl_module.encode(self.ends)[0], self.steps, self.method)
-        decoded = torch.sigmoid(pl_module.decode(z.flatten(0, 1))).unflatten(0, z.shape[:2])
-        rows = torch.cat([self.starts.unsqueeze(1), decoded, self.ends.unsqueeze(1)], dim=1)
-        return {"interpolation": grid(rows.flatten(0, 1), self.steps + 2)}
+        rows = interpolation_rows(pl_module, self.starts, self.ends, self.steps, self.method)
+        return {"interpolation": grid(rows, self.steps + 2)}
 
 
 class Samples(PictureCallback):
@@ -270,6 +278,9 @@ class LatentMap(PictureCallback):
         if pl_module.hparams.latent_dim == 2:
             super().on_validation_epoch_end(trainer, pl_module)
 
+    def label_names(self, labels) -> list[str]:
+        return [self.names[k] if self.names and k < len(self.names) else str(k) for k in labels]
+
     def manifold(self, pl_module: LightningModule) -> torch.Tensor:
         """Decoded z over a regular grid of Gaussian quantiles: z[0] grows to the right, z[1] upwards."""
         quantiles = torch.linspace(*self.quantile_range, self.grid_size, device=pl_module.device)
@@ -288,8 +299,7 @@ class LatentMap(PictureCallback):
         points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.7)
         handles, _ = points.legend_elements()
         present = np.unique(labels)
-        names = [self.names[k] if self.names and k < len(self.names) else str(k) for k in present]
-        ax.legend(handles, names, fontsize=7, markerscale=0.8, loc="upper right")
+        ax.legend(handles, self.label_names(present), fontsize=7, markerscale=0.8, loc="upper right")
         ax.set(xlabel="z[0]", ylabel="z[1]", title=f"validation latent means, epoch {epoch}")
         figure.tight_layout()
         canvas.draw()
@@ -305,8 +315,7 @@ class LatentMap(PictureCallback):
             return
         with evaluating(pl_module):
             mu = pl_module.encode(self.images)[0].float().cpu()
-        labels = self.labels.cpu().tolist()
-        metadata = [self.names[k] if self.names and k < len(self.names) else str(k) for k in labels]
+        metadata = self.label_names(self.labels.cpu().tolist())
         for writer in tensorboard_writers(trainer):
             writer.add_embedding(mu, metadata=metadata, label_img=self.images.float().cpu(),
                                  global_step=trainer.global_step, tag="latent_map")

@@ -17,27 +17,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab.checkpoints import load_vae, resolve_device
-from vaelab.module import VAE
 from vaelab.train import CONF_DIR
 from vaelab.validate import UserError, exit_cleanly
 
 log = logging.getLogger(__name__)
 
 
-@torch.no_grad()
-def interpolation_rows(vae: VAE, start: torch.Tensor, end: torch.Tensor, num_steps: int) -> torch.Tensor:
-    """[pairs * (num_steps + 2), C, H, W]: per pair, the start image, num_steps decoded points from mu(start)
-    to mu(end) (ends included), the end image."""
-    mu_start, mu_end = vae.encode(start)[0], vae.encode(end)[0]
-    t = torch.linspace(0.0, 1.0, num_steps, device=mu_start.device).view(1, -1, 1)
-    path = mu_start.unsqueeze(1) * (1 - t) + mu_end.unsqueeze(1) * t  # [pairs, steps, latent]
-    decoded = torch.sigmoid(vae.decode(path.flatten(0, 1))).view(len(start), num_steps, *start.shape[1:])
-    return torch.cat([start.unsqueeze(1), decoded, end.unsqueeze(1)], dim=1).flatten(0, 1)
-
-
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Write samples.png (and interpolation.png); returns the written paths by name."""
-    from torchvision.utils import save_image  # imported here: torchvision takes seconds to import
+    # imported here: torchvision (which vaelab.callbacks needs too) takes seconds to import
+    from torchvision.utils import save_image
+
+    from vaelab.callbacks import interpolation_rows
 
     for key in ("num_samples", "num_pairs"):
         if int(cfg[key]) < 1:
