@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.reliability import check_finite
+from vaelab.reliability import check_finite, destroy_process_group_at_exit
 
 OBJECTIVES = ("elbo", "notebook")
 
@@ -74,6 +74,9 @@ class VAE(pl.LightningModule):
         self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
         self._train_loss_count = 0
         self._eval_sums: dict[str, torch.Tensor] = {}
+
+    def setup(self, stage: str) -> None:
+        destroy_process_group_at_exit()  # under DDP: a clean exit of each rank's process (gloo included)
 
     # --- the model ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import math
@@ -116,6 +117,26 @@ def describe_last_checkpoint(trainer: pl.Trainer) -> str:
     if resumable is None or resumable.checkpoint_epoch is None:
         return f"the last checkpoint is {path}"
     return f"the last checkpoint is {path} (end of epoch {resumable.checkpoint_epoch}, step {resumable.checkpoint_step})"
+
+
+def destroy_process_group_at_exit() -> None:
+    """Destroy this process's torch.distributed group when it exits (once per process).
+
+    Lightning does this for NCCL only. A gloo group left to the interpreter's shutdown can abort a ddp_spawn
+    worker ("terminate called without an active exception") after its work is done, which fails the run.
+    """
+    global _destroy_registered
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and not _destroy_registered:
+        atexit.register(_destroy_process_group)
+        _destroy_registered = True
+
+
+_destroy_registered = False
+
+
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
