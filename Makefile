@@ -24,6 +24,8 @@ train: setup
 	$(VENV)/bin/vaelab-train $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/pytest -q
 
 bench: setup

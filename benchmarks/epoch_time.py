@@ -27,12 +27,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
+from vaelab import CONF_DIR
 from vaelab.data import MNISTLike
 from vaelab.module import elbo_loss
 from vaelab.networks import DenseDecoder, DenseEncoder
-from vaelab.train import CONF_DIR, train
+from vaelab.train import train
 
-REPO = CONF_DIR.parent
+REPO = Path(CONF_DIR).parent
 LATENT = 256
 
 
@@ -51,9 +52,12 @@ class EpochTimer(pl.Callback):
 
 
 def compose_train(overrides: list[str], output_dir: Path):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[f"paths.root_dir={output_dir}", f"paths.data_dir={REPO / 'data'}", *overrides],
-                      return_hydra_config=True)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[f"paths.root_dir={output_dir}", f"paths.data_dir={REPO / 'data'}", *overrides],
+            return_hydra_config=True,
+        )
         HydraConfig.instance().set_config(cfg)
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
@@ -64,8 +68,15 @@ def compose_train(overrides: list[str], output_dir: Path):
 def vaelab_epoch(batch_size: int) -> tuple[float, str, str, int]:
     """Second-epoch time of vaelab's default configuration; also its optimizer, precision and eval batch size."""
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = compose_train([f"batch_size={batch_size}", "epochs=2", "test_after_fit=false",
-                             "+callbacks.epoch_timer._target_=__main__.EpochTimer"], Path(tmp))
+        cfg = compose_train(
+            [
+                f"batch_size={batch_size}",
+                "epochs=2",
+                "test_after_fit=false",
+                "+callbacks.epoch_timer._target_=__main__.EpochTimer",
+            ],
+            Path(tmp),
+        )
         EpochTimer.times.clear()
         train(cfg)
         fused = bool(cfg.model.optimizer.get("fused", False))
@@ -126,23 +137,36 @@ def main() -> None:
             hand_s = bare_epoch(images, val_images, batch_size, eval_batch_size, fused=False, bf16=False)
             same_s = bare_epoch(images, val_images, batch_size, eval_batch_size, fused=optimizer == "fused", bf16=bf16)
             rows.append((batch_size, repeat, hand_s, same_s, vaelab_s))
-            print(f"batch {batch_size:4d} #{repeat}: hand-written {hand_s:.2f} s  same-levers ({optimizer} Adam, {precision}) "
-                  f"{same_s:.2f} s  vaelab {vaelab_s:.2f} s  ->  vaelab/hand {vaelab_s / hand_s:.2f}x  "
-                  f"vaelab/same {vaelab_s / same_s:.2f}x", flush=True)
+            print(
+                f"batch {batch_size:4d} #{repeat}: hand-written {hand_s:.2f} s  same-levers ({optimizer} Adam, {precision}) "
+                f"{same_s:.2f} s  vaelab {vaelab_s:.2f} s  ->  vaelab/hand {vaelab_s / hand_s:.2f}x  "
+                f"vaelab/same {vaelab_s / same_s:.2f}x",
+                flush=True,
+            )
 
-    print("\n| batch | hand-written loop (s/epoch) | same-levers loop (s/epoch) | vaelab (s/epoch) | vaelab / hand-written | vaelab / same-levers |")
+    print(
+        "\n| batch | hand-written loop (s/epoch) | same-levers loop (s/epoch) | vaelab (s/epoch) | vaelab / hand-written | vaelab / same-levers |"
+    )
     print("|---|---|---|---|---|---|")
     for batch_size in args.batch_sizes:
         picked = [r for r in rows if r[0] == batch_size]
-        best = lambda i: min(r[i] for r in picked)  # noqa: E731 - the least-disturbed repeat of each loop
-        print(f"| {batch_size} | {best(2):.2f} | {best(3):.2f} | {best(4):.2f} | {best(4) / best(2):.2f}x | {best(4) / best(3):.2f}x |")
+        best = lambda i, picked=picked: min(r[i] for r in picked)  # noqa: E731 - the least-disturbed repeat of each loop
+        print(
+            f"| {batch_size} | {best(2):.2f} | {best(3):.2f} | {best(4):.2f} | {best(4) / best(2):.2f}x | {best(4) / best(3):.2f}x |"
+        )
 
     bin_dir = Path(sys.executable).parent
-    imports = min(wall([sys.executable, "-c", "import torch, torchvision, pytorch_lightning, hydra, tensorboard"]) for _ in range(2))
+    imports = min(
+        wall([sys.executable, "-c", "import torch, torchvision, pytorch_lightning, hydra, tensorboard"]) for _ in range(2)
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        dev_run = min(wall([str(bin_dir / "vaelab-train"), "trainer.fast_dev_run=true", f"hydra.run.dir={tmp}/{i}"]) for i in range(2))
-    print(f"\nvaelab-train trainer.fast_dev_run=true: {dev_run:.1f} s wall; importing torch, torchvision, "
-          f"pytorch_lightning, hydra, tensorboard alone: {imports:.1f} s")
+        dev_run = min(
+            wall([str(bin_dir / "vaelab-train"), "trainer.fast_dev_run=true", f"hydra.run.dir={tmp}/{i}"]) for i in range(2)
+        )
+    print(
+        f"\nvaelab-train trainer.fast_dev_run=true: {dev_run:.1f} s wall; importing torch, torchvision, "
+        f"pytorch_lightning, hydra, tensorboard alone: {imports:.1f} s"
+    )
 
 
 if __name__ == "__main__":

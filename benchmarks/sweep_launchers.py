@@ -27,8 +27,15 @@ VARIANTS = {
 
 
 def run(variant: list[str], epochs: int, sweep_dir: Path) -> float:
-    cmd = [str(Path(sys.executable).parent / "vaelab-train"), "-m", *variant, *SWEEP,
-           f"epochs={epochs}", "~callbacks.progress_bar", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [
+        str(Path(sys.executable).parent / "vaelab-train"),
+        "-m",
+        *variant,
+        *SWEEP,
+        f"epochs={epochs}",
+        "~callbacks.progress_bar",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     wall = time.perf_counter() - start
@@ -52,8 +59,11 @@ def main() -> None:
                 times[name].append(wall)
                 print(f"round {i + 1}: {name:16s} {wall:6.1f} s  (load average before: {load:.1f})", flush=True)
     best = {name: min(walls) for name, walls in times.items()}
-    print(f"best of {args.rounds}: " + ", ".join(f"{name} {wall:.1f} s" for name, wall in best.items())
-          + f"; joblib / basic = {best['joblib'] / best['basic']:.2f}")
+    print(
+        f"best of {args.rounds}: "
+        + ", ".join(f"{name} {wall:.1f} s" for name, wall in best.items())
+        + f"; joblib / basic = {best['joblib'] / best['basic']:.2f}"
+    )
 
 
 if __name__ == "__main__":

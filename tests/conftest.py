@@ -26,14 +26,29 @@ FAST = [
 ]
 
 
-def run_cli(*args: str, tool: str = "vaelab-train", check: bool = True, timeout: float = 300,
-            env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str,
+    tool: str = "vaelab-train",
+    check: bool = True,
+    timeout: float = 300,
+    env: dict | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess:
     """Run a console script and return the finished process; on failure show what it printed."""
     full_env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run([str(BIN / tool), *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=cwd or REPO, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [str(BIN / tool), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=cwd or REPO,
+        stdin=subprocess.DEVNULL,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{tool} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{tool} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -66,16 +81,20 @@ def trained_run(tmp_path_factory) -> Path:
 @pytest.fixture
 def compose(tmp_path):
     """Compose conf/train.yaml as vaelab-train would, with overrides, paths pointed into tmp_path."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import vaelab  # noqa: F401  registers vaelab's config resolvers, as vaelab-train does
+    import vaelab.schema  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
 
     def _compose(overrides: list[str]):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = hydra_compose("train", overrides=[f"paths.root_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", *overrides],
-                                return_hydra_config=True)
+            cfg = hydra_compose(
+                "train",
+                overrides=[f"paths.root_dir={tmp_path}", f"paths.data_dir={DATA_DIR}", *overrides],
+                return_hydra_config=True,
+            )
             HydraConfig.instance().set_config(cfg)  # lets ${hydra:...} resolve outside a real run
             with open_dict(cfg):
                 cfg.paths.output_dir = str(tmp_path / "run")
@@ -83,3 +102,61 @@ def compose(tmp_path):
         return cfg
 
     return _compose
+
+
+def one_line(proc: subprocess.CompletedProcess, start: str, code: int | None = None) -> str:
+    """The battery's rule: the exit status, exactly one line on stderr starting with `start`, no traceback."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith(start), lines[0]
+    assert proc.returncode == (code if code is not None else 1), (proc.returncode, lines[0])
+    return lines[0]
+
+
+def snapshot(*folders: Path) -> dict[str, bytes]:
+    """Every file under the folders, with its bytes: compared before and after, nothing may change."""
+    return {str(p): p.read_bytes() for folder in folders if folder.exists() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def pause_at(marker: Path, stage: str = "train", epoch: int = 1, batch: int = 5) -> list[str]:
+    """Overrides that hold a run at a batch (tests/pausing.py; run with PAUSING_ENV) and write `marker` there."""
+    return [
+        "+callbacks.pause._target_=pausing.Pause",
+        f"+callbacks.pause.marker={marker}",
+        f"+callbacks.pause.stage={stage}",
+        f"+callbacks.pause.epoch={epoch}",
+        f"+callbacks.pause.batch={batch}",
+    ]
+
+
+PAUSING_ENV = {"PYTHONPATH": str(REPO / "tests")}
+
+
+def start(*args: str, tool: str = "vaelab-train", log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A command in the background, its output into files beside `log` (a full pipe never blocks it)."""
+    full_env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [str(BIN / tool), *args],
+        stdout=open(f"{log}.out", "w"),
+        stderr=open(f"{log}.err", "w"),
+        stdin=subprocess.DEVNULL,
+        env=full_env,
+        cwd=REPO,
+    )
+
+
+def finished(proc: subprocess.Popen, log: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    proc.wait(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, Path(f"{log}.out").read_text(), Path(f"{log}.err").read_text())
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"the command ended ({proc.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(0.05)

@@ -43,7 +43,13 @@ def test_every_choice_composes_and_builds(compose, group, choice):
 def test_notebook_preset_is_the_notebook(compose):
     cfg = compose(["experiment=notebook"])
     assert cfg.model.name == "dense" and cfg.model.objective == "notebook" and cfg.model.epsilon_std == 0.1
-    assert (cfg.model.latent_dim, cfg.trainer.max_epochs, cfg.data.batch_size, cfg.model.optimizer.lr, cfg.model.noise_factor) == (256, 10, 32, 1e-3, 0.1)
+    assert (
+        cfg.model.latent_dim,
+        cfg.trainer.max_epochs,
+        cfg.data.batch_size,
+        cfg.model.optimizer.lr,
+        cfg.model.noise_factor,
+    ) == (256, 10, 32, 1e-3, 0.1)
 
 
 def test_ddp_trainer_builds_on_cpu(compose):

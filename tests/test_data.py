@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaelab.data import IDX_FILES, CorruptDataError, DataNotFoundError, MNISTLike, TensorBatches, locate, read_idx
+from vaelab.data import IDX_FILES, MNISTLike, TensorBatches, locate, read_idx
+from vaelab.errors import UserError
 
 
 def idx_bytes(array: torch.Tensor, magic: int) -> bytes:
@@ -21,7 +22,9 @@ def write_idx_set(folder: Path, compress: bool, n_train: int = 60000, n_test: in
     for (split, kind), (stem, magic, shape) in IDX_FILES.items():
         n = shape[0]
         values = torch.arange(n, dtype=torch.int64) % 256
-        array = values.view(n, 1, 1).expand(shape).to(torch.uint8).contiguous() if kind == "images" else (values % 10).to(torch.uint8)
+        array = (
+            values.view(n, 1, 1).expand(shape).to(torch.uint8).contiguous() if kind == "images" else (values % 10).to(torch.uint8)
+        )
         tensors[(split, kind)] = array
         data = idx_bytes(array, magic)
         if compress:
@@ -54,7 +57,7 @@ def test_data_dir_wins_over_system_dir(tmp_path, system_dir):
 
 
 def test_missing_data_names_three_ways(tmp_path):
-    with pytest.raises(DataNotFoundError) as err:
+    with pytest.raises(UserError) as err:
         locate(tmp_path, "FashionMNIST", str(tmp_path / "nowhere"), download=False)
     message = str(err.value)
     assert str(tmp_path / "FashionMNIST" / "raw") in message
@@ -65,21 +68,21 @@ def test_truncated_idx_file_is_named(tmp_path):
     good = idx_bytes(torch.zeros(10, 28, 28, dtype=torch.uint8), 2051)
     path = tmp_path / "train-images-idx3-ubyte"
     path.write_bytes(good[:-1])
-    with pytest.raises(CorruptDataError, match=f"{path}.*truncated"):
+    with pytest.raises(UserError, match=f"{path}.*truncated"):
         read_idx(path, 2051, (10, 28, 28))
 
 
 def test_wrong_magic_is_named(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte"
     path.write_bytes(idx_bytes(torch.zeros(10, dtype=torch.uint8), 2051))
-    with pytest.raises(CorruptDataError, match=f"{path}: IDX magic number is 2051, expected 2049"):
+    with pytest.raises(UserError, match=f"{path}: IDX magic number is 2051, expected 2049"):
         read_idx(path, 2049, (10,))
 
 
 def test_wrong_shape_is_named(tmp_path):
     path = tmp_path / "t10k-labels-idx1-ubyte"
     path.write_bytes(idx_bytes(torch.zeros(9, dtype=torch.uint8), 2049))
-    with pytest.raises(CorruptDataError, match=r"shape \(9,\), expected \(10,\)"):
+    with pytest.raises(UserError, match=r"shape \(9,\), expected \(10,\)"):
         read_idx(path, 2049, (10,))
 
 
@@ -87,7 +90,7 @@ def test_datamodule_splits_scales_and_keeps_labels(tmp_path, system_dir):
     dm = MNISTLike(data_dir=str(tmp_path), system_dir=str(system_dir), batch_size=100, val_size=5000)
     dm.prepare_data()
     dm.setup()
-    (xtr, ytr), (xva, yva), (xte, yte) = dm.train_set, dm.val_set, dm.test_set
+    (xtr, ytr), (xva, _), (xte, _) = dm.train_set, dm.val_set, dm.test_set
     assert xtr.shape == (55000, 1, 28, 28) and xva.shape == (5000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
     assert xtr.dtype == torch.float32 and 0 <= xtr.min() and xtr.max() <= 1
     # image i is filled with (i % 256) / 255 and labelled i % 10: the pairs survive the split

@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import DATA_DIR, REPO, read_metrics, run_cli
-from omegaconf import OmegaConf
-
 from vaelab.evaluate import active_units, evaluate, likelihood, noisy_input_errors
 from vaelab.module import VAE, bernoulli_nll
 
@@ -22,9 +21,13 @@ TRAIN_STEPS = 150  # batches of 64: enough for the denoising effect to stand far
 def tiny_vae(latent_dim: int, image_shape, enc_bias, dec_weight, dec_bias, objective: str = "elbo") -> VAE:
     """A dense VAE with hand-set weights: the encoder ignores x (mu, logvar = enc_bias), the decoder's logits
     are dec_weight @ z + dec_bias."""
-    vae = VAE(encoder={"_target_": "vaelab.networks.DenseEncoder", "latent_dim": latent_dim, "image_shape": image_shape},
-              decoder={"_target_": "vaelab.networks.DenseDecoder", "latent_dim": latent_dim, "image_shape": image_shape},
-              optimizer={"_target_": "torch.optim.Adam", "_partial_": True}, latent_dim=latent_dim, objective=objective)
+    vae = VAE(
+        encoder={"_target_": "vaelab.networks.DenseEncoder", "latent_dim": latent_dim, "image_shape": image_shape},
+        decoder={"_target_": "vaelab.networks.DenseDecoder", "latent_dim": latent_dim, "image_shape": image_shape},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True},
+        latent_dim=latent_dim,
+        objective=objective,
+    )
     with torch.no_grad():
         vae.encoder.heads.weight.zero_()
         vae.encoder.heads.bias.copy_(torch.as_tensor(enc_bias, dtype=torch.float32))
@@ -40,19 +43,36 @@ def trained(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import vaelab  # noqa: F401  registers vaelab's config resolvers, as vaelab-train does
+    import vaelab.schema  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
 
     root = tmp_path_factory.mktemp("denoise")
     models = {}
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         for denoise in (False, True):
-            cfg = compose("train", overrides=[f"paths.root_dir={root}", f"paths.data_dir={DATA_DIR}", f"paths.output_dir={root}",
-                                              "latent_dim=16", "noise_factor=0.3", f"denoise={denoise}", "batch_size=64"])
+            cfg = compose(
+                "train",
+                overrides=[
+                    f"paths.root_dir={root}",
+                    f"paths.data_dir={DATA_DIR}",
+                    f"paths.output_dir={root}",
+                    "latent_dim=16",
+                    "noise_factor=0.3",
+                    f"denoise={denoise}",
+                    "batch_size=64",
+                ],
+            )
             pl.seed_everything(0)
             datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
-            trainer = pl.Trainer(accelerator="cpu", max_steps=TRAIN_STEPS, limit_val_batches=0, logger=False,
-                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                                 default_root_dir=root)
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                max_steps=TRAIN_STEPS,
+                limit_val_batches=0,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=root,
+            )
             trainer.fit(model, datamodule=datamodule)
             models["denoise" if denoise else "plain"] = model.eval()
     return models, datamodule.test_set[0][:500]
@@ -89,8 +109,9 @@ def test_iwae_converges_to_the_likelihood_by_quadrature():
     recon_exact = -np.trapezoid(log_lik * q, z)
     kl_exact = 0.5 * (mu**2 + math.exp(logvar) - 1 - logvar)
 
-    out = likelihood(vae, torch.full((2, 1, 1, 1), x), num_samples=50_000, pairs_per_pass=20_000,
-                     generator=torch.Generator().manual_seed(0))
+    out = likelihood(
+        vae, torch.full((2, 1, 1, 1), x), num_samples=50_000, pairs_per_pass=20_000, generator=torch.Generator().manual_seed(0)
+    )
     assert out["nll_iwae"].tolist() == pytest.approx([nll_exact] * 2, abs=2e-3)
     assert out["recon"].tolist() == pytest.approx([recon_exact] * 2, abs=1e-2)
     assert out["kl"].tolist() == pytest.approx([kl_exact] * 2, rel=1e-5)
@@ -101,8 +122,18 @@ def test_iwae_converges_to_the_likelihood_by_quadrature():
 def test_a_notebook_objective_model_is_evaluated_under_the_proper_posterior_and_says_so():
     # q(z|x) = N(0, e^-1) with exp(logvar) as the variance, not the notebook's sampling std 0.1 * exp(logvar)
     vae = tiny_vae(2, (1, 2, 2), [0.0, 0.0, -1.0, -1.0], torch.zeros(4, 2), torch.zeros(4), objective="notebook")
-    cfg = OmegaConf.create({"ckpt_path": "nb.ckpt", "data": {"dataset": "FashionMNIST"}, "num_importance_samples": 5,
-                            "pairs_per_pass": 100, "batch_size": 10, "noise_levels": [0.0], "active_unit_threshold": 0.01, "seed": 0})
+    cfg = OmegaConf.create(
+        {
+            "ckpt_path": "nb.ckpt",
+            "data": {"dataset": "FashionMNIST"},
+            "num_importance_samples": 5,
+            "pairs_per_pass": 100,
+            "batch_size": 10,
+            "noise_levels": [0.0],
+            "active_unit_threshold": 0.01,
+            "seed": 0,
+        }
+    )
     result = evaluate(vae, torch.rand(3, 1, 2, 2), cfg, torch.device("cpu"))
     assert result["posterior"] == "N(mu, exp(logvar))" and result["model"]["objective"] == "notebook"
     assert any("objective=notebook" in note and "N(mu, exp(logvar))" in note for note in result["notes"])
@@ -135,8 +166,10 @@ def test_iwae_is_below_the_negative_elbo_and_tightens_with_k(trained):
 
 def test_denoising_training_reduces_noisy_input_error(trained):
     models, images = trained
-    errors = {name: noisy_input_errors(vae, images, [0.0, 0.3], generator=torch.Generator().manual_seed(0))
-              for name, vae in models.items()}
+    errors = {
+        name: noisy_input_errors(vae, images, [0.0, 0.3], generator=torch.Generator().manual_seed(0))
+        for name, vae in models.items()
+    }
     plain = {row["noise_level"]: row for row in errors["plain"]}
     denoise = {row["noise_level"]: row for row in errors["denoise"]}
     # the notebook's weakness: noise makes the plain model's reconstructions worse ...
@@ -153,11 +186,27 @@ def test_denoising_training_reduces_noisy_input_error(trained):
 
 def test_vaelab_eval_from_the_shell(tmp_path, trained_run):
     best = next((trained_run / "checkpoints").glob("best-epoch*.ckpt"))
-    proc = run_cli(f"ckpt_path={best}", f"paths.root_dir={tmp_path}", "num_images=256", "num_importance_samples=20",
-                   "noise_levels=[0,0.1,0.3]", tool="vaelab-eval")
+    proc = run_cli(
+        f"ckpt_path={best}",
+        f"paths.root_dir={tmp_path}",
+        "num_images=256",
+        "num_importance_samples=20",
+        "noise_levels=[0,0.1,0.3]",
+        tool="vaelab-eval",
+    )
     [run_dir] = list((tmp_path / "outputs" / "eval").glob("*/*"))  # its own run directory: outputs/eval/<date>/<time>
     result = json.loads((run_dir / "eval.json").read_text())
-    for key in ["neg_elbo", "recon", "kl", "nll_iwae", "active_units", "noisy_inputs", "num_importance_samples", "posterior", "model"]:
+    for key in [
+        "neg_elbo",
+        "recon",
+        "kl",
+        "nll_iwae",
+        "active_units",
+        "noisy_inputs",
+        "num_importance_samples",
+        "posterior",
+        "model",
+    ]:
         assert key in result
     assert result["num_images"] == 256 and result["num_importance_samples"] == 20 and result["dataset"] == "FashionMNIST"
     assert result["model"]["latent_dim"] == 16 and result["model"]["objective"] == "elbo"
@@ -178,8 +227,10 @@ def test_vaelab_eval_refuses_a_missing_checkpoint_in_one_line(tmp_path):
     missing = tmp_path / "nowhere" / "last.ckpt"
     proc = run_cli(f"ckpt_path={missing}", f"paths.root_dir={tmp_path}", tool="vaelab-eval", check=False)
     assert proc.returncode != 0
-    assert proc.stderr.strip() == f"vaelab-eval: error: checkpoint {missing} not found; " \
+    assert (
+        proc.stderr.strip() == f"vaelab-eval: error: checkpoint {missing} not found; "
         "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
+    )
     assert not list(tmp_path.rglob("eval.json"))
 
 

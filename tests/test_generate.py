@@ -1,14 +1,11 @@
-"""vaelab-generate from the shell, its interpolation rows, and the checkpoint loader's refusals."""
+"""vaelab-generate from the shell and its interpolation rows (the checkpoint loader's refusals: test_checkpoints)."""
 
-import collections
-
-import pytest
 import torch
 from PIL import Image
 
 from conftest import run_cli
 from vaelab.callbacks import interpolation_rows
-from vaelab.checkpoints import CheckpointError, load_vae
+from vaelab.checkpoints import load_vae
 
 
 def only_run_dir(root):
@@ -18,8 +15,16 @@ def only_run_dir(root):
 
 def test_vaelab_generate_writes_seeded_grids(tmp_path, trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    run_cli(f"ckpt_path={ckpt}", f"paths.root_dir={tmp_path / 'a'}", "num_samples=10", "temperature=0.8",
-            "interpolate=true", "num_pairs=3", "num_steps=5", tool="vaelab-generate")
+    run_cli(
+        f"ckpt_path={ckpt}",
+        f"paths.root_dir={tmp_path / 'a'}",
+        "num_samples=10",
+        "temperature=0.8",
+        "interpolate=true",
+        "num_pairs=3",
+        "num_steps=5",
+        tool="vaelab-generate",
+    )
     run_a = only_run_dir(tmp_path / "a")
     # make_grid: tiles of 28 + 2 padding, plus 2; samples: ceil(sqrt(10)) = 4 per row, 3 rows
     with Image.open(run_a / "samples.png") as png:
@@ -27,15 +32,25 @@ def test_vaelab_generate_writes_seeded_grids(tmp_path, trained_run):
     # interpolation: per row the two test images around num_steps decoded points; one row per pair
     with Image.open(run_a / "interpolation.png") as png:
         assert png.size == ((5 + 2) * 30 + 2, 3 * 30 + 2)
-    run_cli(f"ckpt_path={ckpt}", f"paths.root_dir={tmp_path / 'b'}", "num_samples=10", "temperature=0.8", "nrow=5",
-            tool="vaelab-generate")
+    run_cli(
+        f"ckpt_path={ckpt}",
+        f"paths.root_dir={tmp_path / 'b'}",
+        "num_samples=10",
+        "temperature=0.8",
+        "nrow=5",
+        tool="vaelab-generate",
+    )
     run_b = only_run_dir(tmp_path / "b")
     assert not (run_b / "interpolation.png").exists()
     with Image.open(run_a / "samples.png") as a, Image.open(run_b / "samples.png") as b:
         assert b.size == (5 * 30 + 2, 2 * 30 + 2)
         # the same seed: the same ten samples, laid out differently
-        tiles = lambda img, per_row: [img.crop((2 + 30 * (i % per_row), 2 + 30 * (i // per_row),
-                                                 30 * (i % per_row) + 30, 30 * (i // per_row) + 30)).tobytes() for i in range(10)]
+        tiles = lambda img, per_row: [
+            img.crop(
+                (2 + 30 * (i % per_row), 2 + 30 * (i // per_row), 30 * (i % per_row) + 30, 30 * (i // per_row) + 30)
+            ).tobytes()
+            for i in range(10)
+        ]
         assert tiles(a.convert("L"), 4) == tiles(b.convert("L"), 5)
         assert len(set(tiles(a.convert("L"), 4))) == 10  # and they differ from one another
 
@@ -53,56 +68,11 @@ def test_interpolation_rows_run_from_one_image_to_the_other(trained_run):
         assert torch.allclose(rows[:, 2], torch.sigmoid(vae.decode(midpoint)), atol=1e-5)
 
 
-def bad_checkpoints(tmp_path, good):
-    text = tmp_path / "notes.ckpt"
-    text.write_text("not a checkpoint\n")
-    truncated = tmp_path / "truncated.ckpt"
-    truncated.write_bytes(good.read_bytes()[:4096])
-    foreign = tmp_path / "foreign.ckpt"
-    torch.save({"weights": torch.zeros(3), "step": 7}, foreign)
-    counter = tmp_path / "counter.ckpt"
-    torch.save(collections.Counter(a=1), counter)
-    crafted = tmp_path / "crafted.ckpt"
-    checkpoint = torch.load(good, weights_only=True)
-    checkpoint["hyper_parameters"]["decoder"]["_target_"] = "os.system"
-    torch.save(checkpoint, crafted)
-    resized = tmp_path / "resized.ckpt"
-    checkpoint = torch.load(good, weights_only=True)
-    checkpoint["hyper_parameters"]["encoder"]["latent_dim"] = 8
-    torch.save(checkpoint, resized)
-    return [
-        (tmp_path / "missing.ckpt", "not found"),
-        (tmp_path, "is a directory"),
-        (text, "not a readable PyTorch checkpoint"),
-        (truncated, "not a readable PyTorch checkpoint"),
-        (foreign, "not a vaelab VAE checkpoint"),
-        (counter, "not a vaelab VAE checkpoint"),
-        (crafted, "asks to build ['os.system']"),
-        (resized, "size mismatch"),
-    ]
-
-
-def test_load_vae_refuses_bad_checkpoints_naming_the_file(tmp_path, trained_run):
-    for path, reason in bad_checkpoints(tmp_path, trained_run / "checkpoints" / "last.ckpt"):
-        with pytest.raises(CheckpointError) as caught:
-            load_vae(path)
-        message = str(caught.value)
-        assert str(path) in message and reason in message and "\n" not in message, message
-
-
-def test_load_vae_refuses_pickled_code(tmp_path):
-    # an object weights-only unpickling will not build: never imported, never run
-    path = tmp_path / "pickled.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"callback": collections.defaultdict(int)}}, path)
-    with pytest.raises(CheckpointError, match="refuses to unpickle"):
-        load_vae(path)
-
-
 def test_vaelab_generate_fails_in_one_line_on_a_truncated_checkpoint(tmp_path, trained_run):
     truncated = tmp_path / "last.ckpt"
     truncated.write_bytes((trained_run / "checkpoints" / "last.ckpt").read_bytes()[:4096])
     proc = run_cli(f"ckpt_path={truncated}", f"paths.root_dir={tmp_path}", tool="vaelab-generate", check=False)
     assert proc.returncode != 0
     [line] = proc.stderr.strip().splitlines()
-    assert line.startswith(f"vaelab-generate: error: cannot load checkpoint {truncated}") and "truncated" in line
+    assert line.startswith(f"vaelab-generate: error: ckpt_path={truncated}: {truncated} (4096 bytes): it is truncated or damaged")
     assert not list(tmp_path.rglob("*.png"))

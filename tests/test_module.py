@@ -102,3 +102,12 @@ def test_checkpoint_hparams_are_plain(compose):
 def test_unknown_objective_is_refused(compose):
     with pytest.raises(InstantiationException, match="model.objective='mse'"):
         instantiate(compose(["model.objective=mse"]).model)
+
+
+def test_a_nan_batch_reaches_the_validation_mean(compose):
+    """The per-image means keep a NaN (torchmetrics would drop it by default): the guard then stops the run."""
+    vae = instantiate(compose(["latent_dim=2"]).model)
+    x = torch.rand(4, 1, 28, 28)
+    vae._eval_step(x, "val")
+    vae.eval_means["val_loss"].update(torch.tensor(float("nan")), weight=4)
+    assert torch.isnan(vae.eval_means["val_loss"].compute())

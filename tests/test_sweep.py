@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import signal
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -12,8 +16,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from conftest import FAST, event_accumulator, read_metrics, run_cli
 
 # A few batches per job: sweeps pay a start-up per job, so the jobs themselves are kept tiny.
-SWEEP_FAST = [*FAST, "epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2",
-              "trainer.limit_test_batches=2"]
+SWEEP_FAST = [*FAST, "epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
 
 
 def sweep(sweep_dir, *overrides, check=True):
@@ -93,8 +96,16 @@ def test_basic_sweep_with_a_failing_job_finishes_the_others_and_summarises_all(t
 def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path):
     sweep_dir = tmp_path / "optuna"
     # latent and beta fixed, so the seeded random sampler draws lr only: 1e6 (NaN at the first step), then 1e-3
-    proc = sweep(sweep_dir, "hparams_search=optuna", "hydra/sweeper/sampler=random", "hydra.sweeper.sampler.seed=0",
-                 "hydra.sweeper.n_trials=2", "latent_dim=256", "beta=1.0", "lr=choice(1e-3,1e6)")
+    proc = sweep(
+        sweep_dir,
+        "hparams_search=optuna",
+        "hydra/sweeper/sampler=random",
+        "hydra.sweeper.sampler.seed=0",
+        "hydra.sweeper.n_trials=2",
+        "latent_dim=256",
+        "beta=1.0",
+        "lr=choice(1e-3,1e6)",
+    )
     rows = summary_rows(sweep_dir)
     assert sorted(r["overrides"].split()[0] for r in rows) == ["lr=0.001", "lr=1000000.0"], "the sampler drew other values"
     assert [(r["status"], r["overrides"].split()[0]) for r in rows] == [("ok", "lr=0.001"), ("failed", "lr=1000000.0")]
@@ -107,8 +118,15 @@ def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path):
 
 def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
     run_dir = tmp_path / "ddp"
-    proc = run_cli(*FAST, "trainer=ddp", "trainer.devices=2", "epochs=1", "trainer.limit_train_batches=6",
-                   f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    proc = run_cli(
+        *FAST,
+        "trainer=ddp",
+        "trainer.devices=2",
+        "epochs=1",
+        "trainer.limit_train_batches=6",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in proc.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # both ranks wrote into the one Hydra run dir
     metrics = read_metrics(run_dir)
@@ -145,3 +163,64 @@ def test_objective_is_the_negative_elbo_and_never_nan():
     assert objective({"test/loss": 1.0}) is None  # no validation: Optuna records a failed trial
     with pytest.raises(NonFiniteObjective, match="nan"):
         objective({"val/recon": math.nan, "val/kl": 1.0})
+
+
+def test_a_failed_job_ends_the_sweep_in_one_line(tmp_path):
+    from conftest import one_line
+
+    proc = sweep(tmp_path / "s", "latent_dim=0,4", "trainer.limit_train_batches=2", check=False)
+    line = one_line(proc, "vaelab-train: error: 1 of 2 jobs failed; the first, job 0 (")
+    assert "latent_dim=0 is not allowed" in line and line.endswith(f"summary: {tmp_path / 's' / 'summary.md'}")
+    assert "latent_dim=0 is not allowed" in next((tmp_path / "s").glob("0_*/train.log")).read_text()
+
+
+def live(pids) -> list[int]:
+    from pathlib import Path
+
+    return [
+        pid
+        for pid in pids
+        if Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] not in "ZX"
+    ]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
+def test_a_stopped_joblib_sweep_stops_its_workers_and_marks_its_jobs(tmp_path, signum):
+    """Both jobs are held in their second epoch (tests/pausing.py), then the sweep's main process is signalled."""
+    from conftest import PAUSING_ENV, finished, pause_at, start, wait_for
+
+    sweep_dir, markers = tmp_path / "sweep", tmp_path / "markers"
+    markers.mkdir()
+    proc = start(
+        "-m",
+        *SWEEP_FAST,
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "latent_dim=2,4,8",
+        f"hydra.sweep.dir={sweep_dir}",
+        *pause_at(markers / "${latent_dim}", epoch=0, batch=3),
+        log=tmp_path / "sweep",
+        env=PAUSING_ENV,
+    )
+    wait_for(markers / "2", proc)
+    wait_for(markers / "4", proc)
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    os.kill(proc.pid, signum)
+    done = finished(proc, tmp_path / "sweep", timeout=120)
+    deadline = time.monotonic() + 60
+    while live(workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert live(workers) == []  # no worker goes on training, or holds its memory, once the sweep is stopped
+    rows = {next(o for o in r["overrides"].split() if o.startswith("latent_dim=")): r for r in summary_rows(sweep_dir)}
+    assert {k: r["status"] for k, r in rows.items()} == {"latent_dim=2": "interrupted", "latent_dim=4": "interrupted"}
+    assert not (markers / "8").exists()  # the third job never started
+    if signum == signal.SIGTERM:
+        from conftest import one_line
+
+        line = one_line(
+            done,
+            "vaelab-train: interrupted: stopped by SIGTERM; the sweep stopped with 0 job(s) done, 0 failed and 2 interrupted",
+            code=143,
+        )
+        assert line.endswith(f"summary: {sweep_dir / 'summary.md'}")
+    assert "2 interrupted" in (sweep_dir / "summary.md").read_text()

@@ -1,9 +1,6 @@
 """vaelab-train from the shell on the real Fashion-MNIST, read back through TensorBoard's reader."""
 
-import json
-
 import pytest
-import torch
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import event_accumulator, read_metrics, run_cli, train_run
@@ -88,7 +85,9 @@ def test_python_module_form_and_help_lists_groups():
 
     from conftest import REPO
 
-    out = subprocess.run([sys.executable, "-m", "vaelab.train", "--help"], capture_output=True, text=True, cwd=REPO, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vaelab.train", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+    ).stdout
     for group in ["data:", "model:", "trainer:", "logger:", "callbacks:", "experiment:"]:
         assert group in out
     assert "conv, dense, mlp" in out and "notebook" in out

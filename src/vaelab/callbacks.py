@@ -20,10 +20,12 @@ from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
 
+from vaelab.data import seeded_order
+from vaelab.errors import UserError
 from vaelab.module import add_noise
 
-PADDING = 2       # pixels between the 28x28 cells of every grid
-PAD_VALUE = 1.0   # white lines: the images' own backgrounds are black
+PADDING = 2  # pixels between the 28x28 cells of every grid
+PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
 INTERPOLATIONS = ("linear", "spherical")
 FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where most pictures are drawn
 
@@ -54,8 +56,9 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "lin
 
 
 @torch.no_grad()
-def interpolation_rows(vae: LightningModule, starts: torch.Tensor, ends: torch.Tensor, num_steps: int,
-                       method: str = "linear") -> torch.Tensor:
+def interpolation_rows(
+    vae: LightningModule, starts: torch.Tensor, ends: torch.Tensor, num_steps: int, method: str = "linear"
+) -> torch.Tensor:
     """[pairs * (num_steps + 2), C, H, W]: per pair, the start image, num_steps images decoded along the path
     between the two posterior means (its ends are the two reconstructions), the end image."""
     z = interpolate(vae.encode(starts)[0], vae.encode(ends)[0], num_steps, method)
@@ -89,28 +92,30 @@ class PictureCallback(Callback):
     name = "picture"
 
     def __init__(self, every_n_epochs: int = 1, seed: int = 0, image_dir: str | None = None):
-        self.require(isinstance(every_n_epochs, int) and every_n_epochs >= 1, "every_n_epochs", every_n_epochs, "an integer >= 1")
         self.every_n_epochs, self.seed = every_n_epochs, seed
         self.image_dir = Path(image_dir) if image_dir else None  # None: <trainer.default_root_dir>/images
 
-    def require(self, ok: bool, key: str, value, what: str) -> None:
-        if not ok:
-            raise ValueError(f"callbacks.{self.name}.{key}={value!r}: it must be {what}; set it in conf/callbacks/{self.name}.yaml or from the shell")
-
-    def pick(self, tensors: tuple[torch.Tensor, torch.Tensor], n: int, key: str, per_value: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def pick(
+        self, tensors: tuple[torch.Tensor, torch.Tensor], n: int, key: str, per_value: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """n (image, label) pairs chosen by a generator seeded with `seed`: the same every epoch and every run.
         `key` is the setting that asks for them, per_value images for each unit of it (2 for pairs)."""
         images, labels = tensors
-        self.require(n <= len(images), key, n // per_value, f"at most {len(images) // per_value} ({len(images)} images to draw from)")
-        index = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.seed))[:n]
-        index = index.to(images.device)
+        if n > len(images):
+            raise UserError(
+                f"callbacks.{self.name}.{key}={n // per_value} is too large: at most {len(images) // per_value} "
+                f"({len(images)} images to draw from); lower it, e.g. callbacks.{self.name}.{key}={len(images) // per_value}"
+            )
+        index = seeded_order(len(images), self.seed)[:n].to(images.device)
         return images[index], labels[index]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_set"):
-            raise TypeError(f"callbacks.{self.name} needs a datamodule holding train_set/val_set/test_set tensors "
-                            f"(vaelab.data.MNISTLike); drop it with ~callbacks.{self.name}")
+            raise UserError(
+                f"callbacks.{self.name} needs a datamodule holding train_set/val_set/test_set tensors "
+                f"(vaelab.data.MNISTLike); drop it with ~callbacks.{self.name}"
+            )
         self.choose(datamodule, stage)
 
     def choose(self, datamodule, stage: str) -> None:
@@ -160,7 +165,6 @@ class Reconstructions(PictureCallback):
 
     def __init__(self, num_images: int = 16, **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(num_images, int) and num_images >= 1, "num_images", num_images, "an integer >= 1")
         self.num_images = num_images
         self.inputs: dict[str, torch.Tensor] = {}
 
@@ -188,8 +192,6 @@ class NoisyReconstructions(PictureCallback):
 
     def __init__(self, num_images: int = 16, noise_factor: float = 0.1, **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(num_images, int) and num_images >= 1, "num_images", num_images, "an integer >= 1")
-        self.require(noise_factor >= 0, "noise_factor", noise_factor, ">= 0 (a standard deviation)")
         self.num_images, self.noise_factor = num_images, float(noise_factor)
         self.clean = self.noisy = None
 
@@ -212,9 +214,6 @@ class Interpolation(PictureCallback):
 
     def __init__(self, num_pairs: int = 8, steps: int = 10, method: str = "linear", **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(num_pairs, int) and num_pairs >= 1, "num_pairs", num_pairs, "an integer >= 1")
-        self.require(isinstance(steps, int) and steps >= 2, "steps", steps, "an integer >= 2 (the two ends)")
-        self.require(method in INTERPOLATIONS, "method", method, f"one of {INTERPOLATIONS}")
         self.num_pairs, self.steps, self.method = num_pairs, steps, method
         self.starts = self.ends = None
 
@@ -235,9 +234,6 @@ class Samples(PictureCallback):
 
     def __init__(self, num_samples: int = 64, ncols: int = 8, temperature: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(num_samples, int) and num_samples >= 1, "num_samples", num_samples, "an integer >= 1")
-        self.require(isinstance(ncols, int) and ncols >= 1, "ncols", ncols, "an integer >= 1")
-        self.require(temperature > 0, "temperature", temperature, "> 0")
         self.num_samples, self.ncols, self.temperature = num_samples, ncols, float(temperature)
 
     def pictures(self, trainer, pl_module):
@@ -259,13 +255,9 @@ class LatentMap(PictureCallback):
 
     name = "latent_map"
 
-    def __init__(self, grid_size: int = 20, quantile_range: tuple[float, float] = (0.05, 0.95),
-                 num_points: int = 2000, **kwargs):
+    def __init__(self, grid_size: int = 20, quantile_range: tuple[float, float] = (0.05, 0.95), num_points: int = 2000, **kwargs):
         super().__init__(**kwargs)
-        self.require(isinstance(grid_size, int) and grid_size >= 2, "grid_size", grid_size, "an integer >= 2")
         low, high = quantile_range
-        self.require(0 < low < high < 1, "quantile_range", list(quantile_range), "[low, high] with 0 < low < high < 1")
-        self.require(isinstance(num_points, int) and num_points >= 1, "num_points", num_points, "an integer >= 1")
         self.grid_size, self.quantile_range, self.num_points = grid_size, (float(low), float(high)), num_points
         self.images = self.labels = self.names = None
 
@@ -317,5 +309,6 @@ class LatentMap(PictureCallback):
             mu = pl_module.encode(self.images)[0].float().cpu()
         metadata = self.label_names(self.labels.cpu().tolist())
         for writer in tensorboard_writers(trainer):
-            writer.add_embedding(mu, metadata=metadata, label_img=self.images.float().cpu(),
-                                 global_step=trainer.global_step, tag="latent_map")
+            writer.add_embedding(
+                mu, metadata=metadata, label_img=self.images.float().cpu(), global_step=trainer.global_step, tag="latent_map"
+            )

@@ -1,87 +1,172 @@
-"""Load a VAE checkpoint written by vaelab-train, safely, for vaelab-eval and vaelab-generate.
+"""Checkpoint files: written atomically, read as untrusted input.
 
-Weights-only unpickling means a checkpoint cannot run code while it is read; the networks are then rebuilt
-from the saved hyperparameters with Hydra's instantiate, so their `_target_`s are checked against an
-allow-list first (otherwise a crafted checkpoint could name any callable).
+- `AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, fsyncs and renames it.
+- `read_checkpoint` reads a file once: its zip CRCs are tested (torch.load alone reads a flipped byte without
+  complaint), then it is unpickled weights-only, which refuses any Python object but plain data and tensors.
+- What a checkpoint asks to build is decided by what each `_target_` *is*: it is resolved without calling
+  anything, and only `torch.nn.Module` classes defined in vaelab.networks or torch.nn (or named by the user in
+  `allow_networks`) pass, with plain-data arguments. Spelling tricks (`vaelab.networks.torch.serialization.os.system`)
+  fail because a module is imported only when its full name is allowed, and an attribute is looked up in that
+  module alone. The optimizer a checkpoint names is never built for evaluation.
 """
 
 from __future__ import annotations
 
+import importlib
 import io
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
+from pytorch_lightning.plugins import TorchCheckpointIO
 
-from vaelab.module import VAE
-from vaelab.validate import UserError
+from vaelab.errors import UserError, one_line
+from vaelab.files import atomic_write
 
-# Where the classes a checkpoint may ask to build live: vaelab's networks and torch's layers and optimizers.
-SAFE_TARGET_PREFIXES = ("vaelab.networks.", "torch.nn.", "torch.optim.")
+NETWORK_MODULES = ("vaelab.networks", "torch.nn")
+PLAIN = (str, int, float, bool, type(None))
+SPECIAL_KEYS = {"_target_", "_args_", "_recursive_", "_convert_"}
 HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be used; the message names the file and what to do."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint IO, but a kill, a full disk or a crash at any moment leaves the previous checkpoint
+    whole. (Lightning's own save goes through fsspec, whose temporary file is in the system's temp folder: moving
+    it onto another file system is a copy over the target, not a rename, and it is never fsynced.)"""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own transaction
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory first: torch.save into a file turns a failed write (disk full) into an obscure
+        # RuntimeError, a plain write gives the OSError that names the problem.
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        atomic_write(Path(path), buffer.getbuffer())
 
 
-def resolve_device(name: str | None) -> torch.device:
-    """`auto` (or null): the GPU when there is one, else the CPU; anything else is passed to torch.device."""
-    if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _targets(node) -> list[str]:
-    if isinstance(node, Mapping):
-        found = [str(node["_target_"])] if "_target_" in node else []
-        return found + [t for value in node.values() for t in _targets(value)]
-    if isinstance(node, (list, tuple)):
-        return [t for value in node for t in _targets(value)]
-    return []
-
-
-def load_vae(path: str | Path, device: str | torch.device | None = "cpu") -> VAE:
-    """The VAE saved at `path`, rebuilt from its own hyperparameters, in eval mode on `device`.
-
-    Raises CheckpointError (one line naming the file) for a missing, unreadable, truncated or foreign file,
-    before anything else is built.
-    """
-    if path in (None, ""):
-        raise CheckpointError(f"no checkpoint given; {HINT}")
+def read_checkpoint(path: str | Path, key: str) -> dict:
+    """The checkpoint at `path` as plain data, or UserError naming the file, what is wrong and the run's others."""
     path = Path(path)
     if path.is_dir():
         inside = path / "checkpoints" / "last.ckpt"
-        hint = f"did you mean ckpt_path={inside}?" if inside.exists() else HINT
-        raise CheckpointError(f"checkpoint {path} is a directory, not a .ckpt file; {hint}")
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; {HINT}")
-    raw = path.read_bytes()
+        raise UserError(
+            f"{key}: {path} is a directory, not a .ckpt file; "
+            + (f"did you mean {key.split('=')[0]}={inside}?" if inside.exists() else HINT)
+        )
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    instead = f"; the run's other checkpoints: {', '.join(others)} in {path.parent}" if others else ""
     try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{key}: cannot read {path} ({err.strerror}); {HINT}") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            damaged = archive.testzip()
+        if damaged is not None:
+            raise zipfile.BadZipFile(f"record {damaged} fails its CRC check")
         checkpoint = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types (UnpicklingError, RuntimeError, EOFError) for bad files
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    except Exception as err:  # zipfile, torch and pickle raise several types for damaged or foreign files
+        refused = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", str(err))
         if refused:
-            reason = (f"it holds a Python object ({refused.group(1)}) that weights-only loading refuses to unpickle "
-                      f"(vaelab never runs code from a checkpoint)")
+            reason = (
+                f"it holds a Python object ({refused.group(1)}) that weights-only loading refuses to unpickle "
+                f"(vaelab never runs code from a checkpoint)"
+            )
         else:
-            detail = str(err).strip().splitlines()[-1] if "Weights only load failed" not in str(err) else "not a pickle of plain data"
-            reason = f"it is not a readable PyTorch checkpoint, perhaps truncated or another kind of file ({type(err).__name__}: {detail})"
-        raise CheckpointError(f"cannot load checkpoint {path} ({len(raw)} bytes): {reason}; {HINT}") from None
+            reason = f"it is truncated or damaged, not a readable checkpoint ({type(err).__name__}: {one_line(err)[:200]})"
+        raise UserError(f"{key}: {path} ({len(raw)} bytes): {reason}{instead}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise UserError(f"{key}: {path} is not a vaelab checkpoint (it has no state_dict); {HINT}{instead}")
+    return checkpoint
 
-    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, Mapping) else None
-    if not isinstance(hparams, Mapping) or "state_dict" not in checkpoint or not {"encoder", "decoder", "latent_dim"} <= set(hparams):
-        raise CheckpointError(f"checkpoint {path} is not a vaelab VAE checkpoint (it has no state_dict and hyper_parameters "
-                              f"with encoder, decoder and latent_dim); {HINT}")
-    unsafe = [t for t in _targets(hparams) if not t.startswith(SAFE_TARGET_PREFIXES)]
-    if unsafe:
-        raise CheckpointError(f"checkpoint {path} asks to build {unsafe}, outside the allowed modules {list(SAFE_TARGET_PREFIXES)}; "
-                              f"refusing to instantiate them")
+
+def network_class(target: Any, allowed: tuple[str, ...] = ()) -> type[torch.nn.Module]:
+    """The class a `_target_` names, if it is a torch.nn.Module defined in an allowed module (or named in
+    `allowed`, which holds modules or classes); found without calling anything, else UserError."""
+    text = str(target)
+    module_name, _, name = text.rpartition(".")
+    modules = (*NETWORK_MODULES, *allowed)
+    in_allowed = lambda module: any(module == m or module.startswith(m + ".") for m in modules)  # noqa: E731
+    refusal = UserError(
+        f"refusing to build {text!r}: a checkpoint may only build torch.nn.Module classes of "
+        f"{', '.join(NETWORK_MODULES)} (or ones you allow with allow_networks=[<module or class>])"
+    )
+    if not module_name or not name.isidentifier() or not (in_allowed(module_name) or text in allowed):
+        raise refusal
     try:
-        vae = VAE.load_from_checkpoint(io.BytesIO(raw), map_location="cpu", weights_only=True)
-    except Exception as err:  # e.g. weights that do not fit the networks its hyperparameters describe
-        message = " ".join(str(err).split())  # one line: state-dict errors span several
-        message = message if len(message) <= 400 else message[:400] + " ..."
-        raise CheckpointError(f"cannot rebuild the VAE from checkpoint {path}: {type(err).__name__}: {message}") from None
-    return vae.to(resolve_device(device) if not isinstance(device, torch.device) else device).eval()
+        module = importlib.import_module(module_name)  # only a module whose whole name is allowed is imported
+    except ImportError:
+        raise refusal from None
+    found = vars(module).get(name)  # this module's own attribute: no further lookups
+    if not (isinstance(found, type) and issubclass(found, torch.nn.Module) and (in_allowed(found.__module__) or text in allowed)):
+        raise refusal
+    return found
+
+
+def check_buildable(node: Any, allowed: tuple[str, ...] = (), where: str = "hyper_parameters") -> None:
+    """Every `_target_` in `node` an allowed network class, every other value plain data."""
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            network_class(node["_target_"], allowed)
+        for key, value in node.items():
+            if not isinstance(key, str) or (key.startswith("_") and key.endswith("_") and key not in SPECIAL_KEYS):
+                raise UserError(f"refusing the checkpoint's {where}: key {key!r} is not a setting vaelab builds")
+            check_buildable(value, allowed, f"{where}.{key}")
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            check_buildable(value, allowed, where)
+    elif not isinstance(node, PLAIN):
+        raise UserError(f"refusing the checkpoint's {where}: {type(node).__name__} is not plain data")
+
+
+def check_fits(model: torch.nn.Module, state_dict: Mapping[str, Any], key: str) -> None:
+    """The checkpoint's weights have the names and shapes of `model`'s, or UserError naming the first difference."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        theirs = state_dict.get(name)
+        if theirs is None or tuple(theirs.shape) != tuple(tensor.shape):
+            was = "missing" if theirs is None else f"{list(theirs.shape)}"
+            raise UserError(
+                f"{key} holds a different network: {name} is {was} in the checkpoint but {list(tensor.shape)} "
+                f"with these settings; continue it with its own settings (vaelab-train resume_from=<its run dir>) "
+                f"or start a new run"
+            )
+    extra = sorted(set(state_dict) - set(own))
+    if extra:
+        raise UserError(
+            f"{key} holds a different network: it has {extra[0]} (and {len(extra) - 1} more), which these "
+            f"settings do not build; continue it with its own settings or start a new run"
+        )
+
+
+def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_networks: tuple[str, ...] = ()):
+    """The VAE saved at `path`, rebuilt from its own hyperparameters (networks checked first), in eval mode."""
+    from vaelab.module import VAE
+
+    key = f"ckpt_path={path}"
+    if path in (None, ""):
+        raise UserError(f"no checkpoint given; {HINT}")
+    if not Path(path).exists():
+        raise UserError(f"checkpoint {path} not found; {HINT}")
+    checkpoint = read_checkpoint(path, key)
+    hparams = checkpoint.get("hyper_parameters")
+    if not isinstance(hparams, Mapping) or not {"encoder", "decoder", "latent_dim"} <= set(hparams):
+        raise UserError(
+            f"checkpoint {path} is not a vaelab VAE checkpoint (its hyper_parameters have no encoder, "
+            f"decoder and latent_dim); {HINT}"
+        )
+    hparams = {k: v for k, v in hparams.items() if k != "optimizer"}  # not needed to evaluate: never built here
+    check_buildable(hparams, tuple(allow_networks))
+    try:
+        vae = VAE(**hparams)
+        check_fits(vae, checkpoint["state_dict"], f"checkpoint {path}")
+        vae.load_state_dict(checkpoint["state_dict"])
+    except UserError:
+        raise
+    except Exception as err:  # hyperparameters the networks do not take
+        raise UserError(f"cannot rebuild the VAE from checkpoint {path}: {type(err).__name__}: {one_line(err)[:300]}") from None
+    return vae.to(device).eval()

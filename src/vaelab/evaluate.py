@@ -20,23 +20,25 @@ import math
 import time
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vaelab.checkpoints import load_vae, resolve_device
+from vaelab import rundir, schema
+from vaelab.checkpoints import load_vae
+from vaelab.errors import UserError, build, recorded
+from vaelab.files import atomic_write
+from vaelab.hardware import resolve_device
 from vaelab.module import VAE, add_noise, bernoulli_nll, gaussian_kl
-from vaelab.train import CONF_DIR
-from vaelab.validate import UserError, exit_cleanly
+from vaelab.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 LOG_2PI = math.log(2 * math.pi)
 
 
 @torch.no_grad()
-def importance_weights(vae: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, num_samples: int,
-                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def importance_weights(
+    vae: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(x|z_k) and log p(z_k) - log q(z_k|x) for z_k ~ N(mu, exp(logvar)), each shaped [num_samples, batch]."""
     eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + (0.5 * logvar).exp() * eps
@@ -49,8 +51,9 @@ def importance_weights(vae: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torc
 
 
 @torch.no_grad()
-def likelihood(vae: VAE, images: torch.Tensor, num_samples: int, pairs_per_pass: int = 20000,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def likelihood(
+    vae: VAE, images: torch.Tensor, num_samples: int, pairs_per_pass: int = 20000, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Per-image negative ELBO parts, IWAE estimate of -log p(x) (nats) and posterior means, for every image.
 
     The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
@@ -84,8 +87,9 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 
 @torch.no_grad()
-def noisy_input_errors(vae: VAE, images: torch.Tensor, noise_levels, batch_size: int = 1000,
-                       generator: torch.Generator | None = None) -> list[dict[str, float]]:
+def noisy_input_errors(
+    vae: VAE, images: torch.Tensor, noise_levels, batch_size: int = 1000, generator: torch.Generator | None = None
+) -> list[dict[str, float]]:
     """For each noise std: decode the posterior mean of the noisy input, compare with the clean image.
 
     recon_nats: Bernoulli negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
@@ -113,8 +117,10 @@ def plot_noise_errors(rows: list[dict[str, float]], path: Path, title: str) -> N
 
     levels = [r["noise_level"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, key, label in [(axes[0], "recon_nats", "-log p(clean | decode(mu(noisy))), nats/image"),
-                           (axes[1], "mse", "MSE per pixel, decoded mean vs clean")]:
+    for ax, key, label in [
+        (axes[0], "recon_nats", "-log p(clean | decode(mu(noisy))), nats/image"),
+        (axes[1], "mse", "MSE per pixel, decoded mean vs clean"),
+    ]:
         ax.plot(levels, [r[key] for r in rows], marker="o")
         ax.set_xlabel("input noise std")
         ax.set_ylabel(label)
@@ -133,20 +139,30 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator)
     noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator)
     hp = vae.hparams
-    notes = ["nats per image; pixels are grey levels in [0, 1] (continuous, not binarized) under a Bernoulli likelihood",
-             "beta = 1 here (the true ELBO), whatever beta the model was trained with",
-             "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
-             "compared with the clean image"]
+    notes = [
+        "nats per image; pixels are grey levels in [0, 1] (continuous, not binarized) under a Bernoulli likelihood",
+        "beta = 1 here (the true ELBO), whatever beta the model was trained with",
+        "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
+        "compared with the clean image",
+    ]
     if hp.objective == "notebook":
-        notes.append("objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
-                     "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)")
+        notes.append(
+            "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
+            "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)"
+        )
     return {
         "ckpt_path": str(cfg.ckpt_path),
         "dataset": str(cfg.data.dataset),
         "split": "test",
         "num_images": int(images.shape[0]),
-        "model": {"name": hp.name, "latent_dim": int(hp.latent_dim), "objective": hp.objective,
-                  "denoise": bool(hp.denoise), "noise_factor": float(hp.noise_factor), "beta": float(hp.beta)},
+        "model": {
+            "name": hp.name,
+            "latent_dim": int(hp.latent_dim),
+            "objective": hp.objective,
+            "denoise": bool(hp.denoise),
+            "noise_factor": float(hp.noise_factor),
+            "beta": float(hp.beta),
+        },
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
         "neg_elbo": per_image["neg_elbo"].mean().item(),
@@ -178,42 +194,49 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: DictConfig) -> dict:
-    """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
-    if cfg.num_importance_samples is not None and int(cfg.num_importance_samples) < 1:
-        raise ValueError(f"num_importance_samples={cfg.num_importance_samples} must be at least 1 (or null: 1000 on a GPU, 100 on the CPU)")
-    if any(float(level) < 0 for level in cfg.noise_levels):
-        raise ValueError(f"noise_levels={list(cfg.noise_levels)} must all be >= 0 (they are noise standard deviations)")
-    output_dir = Path(cfg.paths.output_dir)
-    device = resolve_device(cfg.device)
-    vae = load_vae(cfg.ckpt_path, device)
-    datamodule = instantiate(cfg.data)
+def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
+    """The test images of cfg.data, refused in one line when the checkpoint's model takes another shape."""
+    datamodule = build(cfg.data, "data")
     datamodule.setup("test")
     images = datamodule.test_set[0]
-    if cfg.num_images is not None:
-        images = images[: int(cfg.num_images)]
     model_shape = tuple(vae.hparams.encoder.get("image_shape") or images.shape[1:])
     if model_shape != tuple(images.shape[1:]):
-        raise ValueError(f"the checkpoint's model takes {model_shape} images but data={cfg.data.dataset} has "
-                         f"{tuple(images.shape[1:])}; pass the data config it was trained on")
+        raise UserError(
+            f"the checkpoint's model takes {model_shape} images but data={cfg.data.dataset} has "
+            f"{tuple(images.shape[1:])}; pass the data config it was trained on, e.g. data=mnist"
+        )
+    return images
+
+
+def run(cfg: DictConfig) -> dict:
+    """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
+    schema.check(cfg, "eval")
+    output_dir = Path(cfg.paths.output_dir)
+    rundir.lock(output_dir)
+    device = resolve_device(cfg.device)
+    vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
+    images = test_images(cfg, vae)
+    if cfg.num_images is not None:
+        images = images[: int(cfg.num_images)]
     result = evaluate(vae, images.to(device), cfg, device)
-    (output_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    title = (f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
-             f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})")
+    title = (
+        f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
+        f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})"
+    )
     plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
+    atomic_write(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     log.info("\n%s", summary(result))
     log.info("wrote %s and %s", output_dir / "eval.json", output_dir / "noise_error.png")
     return result
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
-def main(cfg: DictConfig) -> float:
-    """Entry point of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
-    with exit_cleanly("vaelab-eval"):  # a bad checkpoint or a missing ckpt_path: one line on stderr, exit status 1
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise UserError("ckpt_path is required, e.g. vaelab-eval ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
+def hydra_task(cfg: DictConfig) -> float:
+    """The Hydra task of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
+    with job_reporting("vaelab-eval"), recorded():
         return run(cfg)["nll_iwae"]
 
 
 if __name__ == "__main__":
-    main()
+    from vaelab.cli import evaluate as _main
+
+    _main()

@@ -11,14 +11,15 @@ import logging
 import math
 from pathlib import Path
 
-import hydra
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from vaelab.checkpoints import load_vae, resolve_device
-from vaelab.train import CONF_DIR
-from vaelab.validate import UserError, exit_cleanly
+from vaelab import rundir, schema
+from vaelab.checkpoints import load_vae
+from vaelab.data import seeded_order
+from vaelab.errors import recorded
+from vaelab.hardware import resolve_device
+from vaelab.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +30,13 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     from torchvision.utils import save_image
 
     from vaelab.callbacks import interpolation_rows
+    from vaelab.evaluate import test_images
 
-    for key in ("num_samples", "num_pairs"):
-        if int(cfg[key]) < 1:
-            raise ValueError(f"{key}={cfg[key]} must be at least 1")
-    if int(cfg.num_steps) < 2:
-        raise ValueError(f"num_steps={cfg.num_steps} must be at least 2 (both ends of each line)")
+    schema.check(cfg, "generate")
     output_dir = Path(cfg.paths.output_dir)
+    rundir.lock(output_dir)
     device = resolve_device(cfg.device)
-    vae = load_vae(cfg.ckpt_path, device)
+    vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     written = {}
 
@@ -47,11 +46,8 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     save_image(samples, written["samples"], nrow=nrow, padding=2)
 
     if cfg.interpolate:
-        datamodule = instantiate(cfg.data)
-        datamodule.setup("test")
-        test_images = datamodule.test_set[0]
-        pick = torch.randperm(len(test_images), generator=torch.Generator().manual_seed(int(cfg.seed)))[: 2 * int(cfg.num_pairs)]
-        chosen = test_images[pick].to(device)
+        images = test_images(cfg, vae)
+        chosen = images[seeded_order(len(images), int(cfg.seed))[: 2 * int(cfg.num_pairs)]].to(device)
         grid = interpolation_rows(vae, chosen[0::2], chosen[1::2], int(cfg.num_steps))
         written["interpolation"] = output_dir / "interpolation.png"
         save_image(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
@@ -61,14 +57,13 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     return written
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="generate")
-def main(cfg: DictConfig) -> None:
-    """Entry point of `vaelab-generate`."""
-    with exit_cleanly("vaelab-generate"):  # a bad checkpoint or a missing ckpt_path: one line on stderr, exit status 1
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise UserError("ckpt_path is required, e.g. vaelab-generate ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt")
+def hydra_task(cfg: DictConfig) -> None:
+    """The Hydra task of `vaelab-generate`."""
+    with job_reporting("vaelab-generate"), recorded():
         run(cfg)
 
 
 if __name__ == "__main__":
-    main()
+    from vaelab.cli import generate as _main
+
+    _main()

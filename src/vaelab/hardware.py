@@ -24,3 +24,45 @@ def cpu_precision() -> str:
 
 
 OmegaConf.register_new_resolver("vaelab.cpu_precision", cpu_precision, replace=True)
+
+
+def check_accelerator(accelerator: str, key: str, fix: str) -> None:
+    """UserError when the accelerator asked for is not on this machine (before any data is read)."""
+    if accelerator not in ("gpu", "cuda", "mps"):
+        return
+    import torch
+
+    from vaelab.errors import UserError
+
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            f"{key}={accelerator}: this machine has no GPU that torch can use (torch.cuda.is_available() "
+            f"is False, torch {torch.__version__}); {fix}"
+        )
+    if accelerator == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{key}=mps: this machine has no Apple GPU that torch can use; {fix}")
+
+
+def resolve_device(name: str):
+    """`auto`: the GPU when there is one, else the CPU; `cuda:<i>` must exist."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    check_device(name)
+    return device
+
+
+def check_device(name: str) -> None:
+    """vaelab-eval's and vaelab-generate's device=: UserError when it is not on this machine."""
+    if name in ("auto", "cpu"):
+        return
+    import torch
+
+    from vaelab.errors import UserError
+
+    device = torch.device(name)
+    check_accelerator(device.type, "device", "use device=cpu (or device=auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s); use device=cuda:0 or device=auto")

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-
-from vaelab.reliability import check_finite, destroy_process_group_at_exit
+from torchmetrics import MeanMetric
 
 OBJECTIVES = ("elbo", "notebook")
+EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon")
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -60,9 +60,19 @@ def add_noise(x: torch.Tensor, noise_factor: float, generator: torch.Generator |
 class VAE(pl.LightningModule):
     """encode(x) -> (mu, logvar); decode(z) -> logits; sample(n) -> images; loss dicts logged generically."""
 
-    def __init__(self, encoder: Mapping, decoder: Mapping, optimizer: Mapping, latent_dim: int,
-                 name: str = "custom", objective: str = "elbo", beta: float = 1.0, epsilon_std: float = 1.0,
-                 noise_factor: float = 0.0, denoise: bool = False):
+    def __init__(
+        self,
+        encoder: Mapping,
+        decoder: Mapping,
+        latent_dim: int,
+        optimizer: Mapping | None = None,
+        name: str = "custom",
+        objective: str = "elbo",
+        beta: float = 1.0,
+        epsilon_std: float = 1.0,
+        noise_factor: float = 0.0,
+        denoise: bool = False,
+    ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"model.objective={objective!r} is not one of {OBJECTIVES}")
@@ -73,10 +83,12 @@ class VAE(pl.LightningModule):
         self.decoder = instantiate(decoder)
         self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
         self._train_loss_count = 0
-        self._eval_sums: dict[str, torch.Tensor] = {}
-
-    def setup(self, stage: str) -> None:
-        destroy_process_group_at_exit()  # under DDP: a clean exit of each rank's process (gloo included)
+        # Per-image means of validation and test figures (weighted by batch size; torchmetrics syncs them under DDP).
+        # nan_strategy="disable": a NaN must reach the mean (the guard stops on it; torchmetrics' default drops it),
+        # and no per-batch check means no host sync per batch.
+        self.eval_means = torch.nn.ModuleDict(
+            {f"{stage}_{key}": MeanMetric(nan_strategy="disable") for stage in ("val", "test") for key in EVAL_KEYS}
+        )
 
     # --- the model ---------------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +125,6 @@ class VAE(pl.LightningModule):
         x, _ = batch
         x_in = add_noise(x, self.hparams.noise_factor) if self.hparams.denoise else x
         loss = self.loss(x_in, x)["loss"]
-        check_finite(loss, self.trainer, batch_idx=batch_idx)  # a NaN/inf stops the run here, before the optimizer step
         # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
         detached = loss.detach().float()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
@@ -123,38 +134,21 @@ class VAE(pl.LightningModule):
             self._train_loss_sum, self._train_loss_count = None, 0
         return loss
 
-    def _eval_step(self, x: torch.Tensor) -> None:
-        n = x.shape[0]
+    def _eval_step(self, x: torch.Tensor, stage: str) -> None:
         parts = self.loss(x, x)
         if self.hparams.noise_factor > 0:
             # Reconstruction error of noisy inputs against the clean images: the notebook's noise weakness, tracked.
-            noisy = add_noise(x, self.hparams.noise_factor)
-            parts["noisy_recon"] = self.loss(noisy, x)["recon"]
+            parts["noisy_recon"] = self.loss(add_noise(x, self.hparams.noise_factor), x)["recon"]
         for key, value in parts.items():
-            total = value.detach().float() * n
-            self._eval_sums[key] = self._eval_sums.get(key, 0.0) + total
-        self._eval_sums["_count"] = self._eval_sums.get("_count", 0) + n
-
-    def _log_eval(self, stage: str) -> None:
-        count = self._eval_sums.pop("_count", 0)
-        if count:
-            # Means over images; sync_dist averages the ranks' (equal-sized) shares under DDP.
-            self.log_dict({f"{stage}/{k}": v / count for k, v in self._eval_sums.items()}, sync_dist=True)
-        self._eval_sums = {}
+            mean = self.eval_means[f"{stage}_{key}"]
+            mean.update(value.detach().float(), weight=x.shape[0])
+            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True)
 
     def validation_step(self, batch, batch_idx):
-        self._eval_step(batch[0])
-
-    def on_validation_epoch_end(self):
-        if "loss" in self._eval_sums:  # before ModelCheckpoint runs: a non-finite model is never saved as last.ckpt
-            check_finite(self._eval_sums["loss"], self.trainer, "validation loss")
-        self._log_eval("val")
+        self._eval_step(batch[0], "val")
 
     def test_step(self, batch, batch_idx):
-        self._eval_step(batch[0])
-
-    def on_test_epoch_end(self):
-        self._log_eval("test")
+        self._eval_step(batch[0], "test")
 
     def configure_optimizers(self):
         return instantiate(self.hparams.optimizer)(params=self.parameters())  # a partial: the config holds its settings

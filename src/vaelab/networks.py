@@ -52,8 +52,10 @@ class ConvEncoder(nn.Module):
             raise ValueError(f"conv encoder needs image sides divisible by 4, got image_shape={tuple(image_shape)}")
         c1, c2 = channels
         self.body = nn.Sequential(
-            nn.Conv2d(c, c1, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c, c1, 4, stride=2, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.Flatten(),
         )
         self.heads = nn.Linear(c2 * (h // 4) * (w // 4), 2 * latent_dim)
@@ -72,9 +74,11 @@ class ConvDecoder(nn.Module):
         c1, c2 = channels
         self.start = (c2, h // 4, w // 4)
         self.body = nn.Sequential(
-            nn.Linear(latent_dim, math.prod(self.start)), nn.ReLU(),
+            nn.Linear(latent_dim, math.prod(self.start)),
+            nn.ReLU(),
             nn.Unflatten(1, self.start),
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
+            nn.ReLU(),
             nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
         )
 

@@ -13,17 +13,25 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from vaelab.errors import DISK_ERRNOS, Interrupted, UserError, disk_message, exit_cleanly, one_line, quiet_threads
+from vaelab.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
+STATUSES = ("ok", "failed", "interrupted", "running")  # running: still going, or its process died unreported
 METRIC_COLUMNS = ("val/loss", "val/recon", "val/kl", "test/loss")
 COLUMNS = ("rank", "job", "status", "val/nelbo", *METRIC_COLUMNS, "epochs", "wall_time_s", "overrides", "error", "dir")
 MD_COLUMNS = COLUMNS[:-1]  # the table leaves out dir: the job number starts the directory's name
@@ -45,8 +53,10 @@ def objective(metrics: dict[str, float]) -> float | None:
     value = metrics["val/recon"] + metrics["val/kl"]
     if not math.isfinite(value):
         # hydra-optuna-sweeper 1.3 crashes the whole study on a NaN return value; a raised error fails one trial.
-        raise NonFiniteObjective(f"the final val/recon + val/kl is {value} (val/recon {metrics['val/recon']}, "
-                                 f"val/kl {metrics['val/kl']}); lower the learning rate (lr=...) or raise beta")
+        raise NonFiniteObjective(
+            f"the final val/recon + val/kl is {value} (val/recon {metrics['val/recon']}, "
+            f"val/kl {metrics['val/kl']}); lower the learning rate (lr=...) or raise beta"
+        )
     return value
 
 
@@ -68,14 +78,8 @@ def parallel_threads() -> int | None:
     return threads
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")  # write then rename: readers never see half a file
-    partial.write_text(text)
-    partial.replace(path)
-
-
 def _write_json(path: Path, data: dict) -> None:
-    _atomic_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 def _read_json(path: Path) -> dict:
@@ -86,7 +90,7 @@ def _read_json(path: Path) -> dict:
 
 
 def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
+    text = one_line(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -102,26 +106,28 @@ def _locked(directory: Path) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-def collect(sweep_dir: Path, metrics_file: str = "metrics.json") -> list[dict[str, Any]]:
+def collect(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job under sweep_dir (each job dir holds the job_status.json the callback wrote), best first:
     finished jobs by val/nelbo, then the rest by job number."""
     rows = []
     for status_path in sweep_dir.rglob(STATUS_FILE):
         job_dir = status_path.parent
         status = _read_json(status_path)
-        metrics = _read_json(job_dir / metrics_file)
+        metrics = _read_json(job_dir / "metrics.json")
         nelbo = metrics["val/recon"] + metrics["val/kl"] if {"val/recon", "val/kl"} <= metrics.keys() else None
-        rows.append({
-            "job": status.get("job"),
-            "status": status.get("status", "unknown"),
-            "val/nelbo": nelbo,
-            **{key: metrics.get(key) for key in METRIC_COLUMNS},
-            "epochs": status.get("epochs") if status.get("status") == "ok" else None,
-            "wall_time_s": status.get("wall_time_s"),
-            "overrides": " ".join(status.get("overrides", [])),
-            "error": status.get("error", ""),
-            "dir": str(job_dir.relative_to(sweep_dir)),
-        })
+        rows.append(
+            {
+                "job": status.get("job"),
+                "status": status.get("status", "unknown"),
+                "val/nelbo": nelbo,
+                **{key: metrics.get(key) for key in METRIC_COLUMNS},
+                "epochs": status.get("epochs") if status.get("status") == "ok" else None,
+                "wall_time_s": status.get("wall_time_s"),
+                "overrides": " ".join(status.get("overrides", [])),
+                "error": status.get("error", ""),
+                "dir": str(job_dir.relative_to(sweep_dir)),
+            }
+        )
 
     def best_first(row):
         ok = row["status"] == "ok" and row["val/nelbo"] is not None and math.isfinite(row["val/nelbo"])
@@ -143,21 +149,21 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
-def write_summary(sweep_dir: Path, metrics_file: str = "metrics.json") -> list[dict[str, Any]]:
+def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """summary.csv (every figure in full) and summary.md (a table to read) in sweep_dir."""
-    rows = collect(sweep_dir, metrics_file)
+    rows = collect(sweep_dir)
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: ("" if row[k] is None else row[k]) for k in COLUMNS} for row in rows)
-    _atomic_text(sweep_dir / "summary.csv", table.getvalue())
+    atomic_write(sweep_dir / "summary.csv", table.getvalue())
 
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "failed", "running")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     lines = [
         f"# Sweep summary: {sweep_dir}",
         "",
         f"{len(rows)} jobs: {counts['ok']} ok, {counts['failed']} failed"
-        + (f", {counts['running']} running" if counts["running"] else "")
+        + "".join(f", {counts[s]} {s}" for s in STATUSES[2:] if counts[s])
         + ". Best first, by val/nelbo = val/recon + val/kl (the negative ELBO, nats per image; "
         "val/loss when beta = 1). Wall time in seconds.",
         "",
@@ -167,8 +173,122 @@ def write_summary(sweep_dir: Path, metrics_file: str = "metrics.json") -> list[d
     for row in rows:
         cells = [_cell(k, row[k]).replace("|", "\\|") for k in MD_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    _atomic_text(sweep_dir / "summary.md", "\n".join(lines) + "\n")
+    atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return rows
+
+
+def _update_status(job_dir: Path, sweep_dir: Path, **changes: Any) -> None:
+    """Change a job's job_status.json and rewrite the sweep's summary (under the sweep directory's lock)."""
+    with _locked(sweep_dir):
+        status = _read_json(job_dir / STATUS_FILE)
+        if status.get("status", "running") == "running" or changes.get("status") != "interrupted":
+            status.update(changes)
+            _write_json(job_dir / STATUS_FILE, status)
+        write_summary(sweep_dir)
+
+
+def _mark_unfinished(sweep_dir: Path, error: str) -> list[dict[str, Any]]:
+    """Every job still 'running' becomes 'interrupted' (its process is gone); returns the summary's rows."""
+    with _locked(sweep_dir):
+        for status_path in sweep_dir.rglob(STATUS_FILE):
+            status = _read_json(status_path)
+            if status.get("status") == "running":
+                status.update(status="interrupted", error=error)
+                _write_json(status_path, status)
+        return write_summary(sweep_dir)
+
+
+def how_far(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    return (
+        f"the sweep stopped with {counts['ok']} job(s) done, {counts['failed']} failed and {counts['interrupted']} "
+        f"interrupted (each continues with vaelab-train resume_from=<its job dir>); summary: {sweep_dir / 'summary.md'}"
+    )
+
+
+@contextlib.contextmanager
+def job_reporting(prog: str) -> Iterator[None]:
+    """Around a command's task. A single run: its errors end the command in one line (here, inside the task,
+    because Hydra prints an extra line for a task that raises). A sweep job, in its own process: a UserError
+    marks the job failed and the sweep goes on (SweepSummary ends it in one line naming the failures); an
+    interruption marks the job and ends the sweep saying how far it got. In a joblib worker, a watchdog stops the
+    job if the sweep's main process dies (after a SIGKILL no one else would)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    logging.captureWarnings(True)  # library warnings go to the job's log (a joblib worker starts afresh)
+    quiet_threads()
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        with exit_cleanly(prog):
+            yield
+        return
+    hydra_cfg = HydraConfig.get()
+    job_dir, sweep_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra_cfg.sweep.dir)
+    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")):
+        _watch_parent(job_dir, sweep_dir)
+    try:
+        yield
+    except (UserError, OSError) as err:
+        if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
+            raise
+        message = disk_message(err) if isinstance(err, OSError) else str(err)
+        if not getattr(err, "recorded", False):
+            log.error("%s: error: %s", prog, one_line(message))
+        _update_status(job_dir, sweep_dir, status="failed", error=one_line(message))
+    except Exception as err:  # a bug: recorded, and its traceback left to Hydra
+        _update_status(job_dir, sweep_dir, status="failed", error=_one_line(err))
+        raise
+    except (Interrupted, KeyboardInterrupt) as err:
+        message = str(err) if isinstance(err, Interrupted) else "stopped by SIGINT"
+        _update_status(job_dir, sweep_dir, status="interrupted", error=one_line(message))
+        raise Interrupted(f"{message}; {how_far(collect(sweep_dir), sweep_dir)}", getattr(err, "exit_code", 130) - 128) from None
+    finally:
+        _job_done.set()
+
+
+_job_done = threading.Event()
+_watching = False
+
+
+def _watch_parent(job_dir: Path, sweep_dir: Path) -> None:
+    """In a joblib worker: once the sweep's main process is gone, mark this job interrupted, stop its training
+    cleanly (SIGTERM, which Lightning handles at the next batch) and end the worker."""
+    global _watching
+    _job_done.clear()
+    parent = os.getppid()
+    _current[:] = [job_dir, sweep_dir]
+    if _watching:
+        return
+    _watching = True
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        job, sweep = _current
+        if not _job_done.is_set():
+            _update_status(job, sweep, status="interrupted", error="the sweep's main process ended while this job ran")
+            os.kill(os.getpid(), signal.SIGTERM)
+            _job_done.wait(timeout=60)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="vaelab-parent-watch", daemon=True).start()
+
+
+_current: list[Path] = []
+
+
+def _children() -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(pid) for pid in (task / "children").read_text().split()]
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] not in "ZX"
+    except OSError:
+        return False
 
 
 class SweepSummary(Callback):
@@ -177,26 +297,59 @@ class SweepSummary(Callback):
 
     The summary is rewritten as each job ends, in the job's own process (with the joblib launcher, a worker),
     because Hydra's basic sweeper raises after a batch with a failed job and never calls on_multirun_end;
-    on_multirun_end writes it once more, and marks jobs that never reported as failed.
+    on_multirun_end writes it once more, and marks jobs that never reported as interrupted. A joblib sweep's main
+    process passes SIGTERM or SIGINT on to its workers, waits for them to stop their jobs cleanly, and exits.
     """
-
-    def __init__(self, metrics_file: str = "metrics.json"):
-        self.metrics_file = metrics_file
 
     @staticmethod
     def _is_multirun(config: DictConfig) -> bool:
         return config.hydra.mode == RunMode.MULTIRUN
 
+    def __init__(self, fail_on_failed_jobs: bool = True):
+        self.fail_on_failed_jobs = fail_on_failed_jobs  # false for a search whose failed trials are part of it (Optuna)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if "joblib" in str(config.hydra.launcher.get("_target_", "")):
+            sweep_dir, app = Path(config.hydra.sweep.dir), config.hydra.help.app_name
+            handler = lambda signum, frame: self.stop_workers(signum, sweep_dir, app)  # noqa: E731
+            signal.signal(signal.SIGTERM, handler)
+            signal.signal(signal.SIGINT, handler)
+
+    @staticmethod
+    def stop_workers(signum: int, sweep_dir: Path, app: str, grace: float = 60.0) -> None:
+        """SIGTERM to every worker, wait until their jobs have stopped (or `grace` seconds), end them, say how far."""
+        workers = _children()
+        for pid in workers:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        running = lambda: [r for r in collect(sweep_dir) if r["status"] == "running"]  # noqa: E731
+        while time.monotonic() < deadline and running() and any(_alive(pid) for pid in workers):
+            time.sleep(0.2)
+        for pid in _children():  # workers that took the next job meanwhile, loky's helpers
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        rows = _mark_unfinished(sweep_dir, f"the sweep was stopped by {signal.Signals(signum).name}")
+        print(
+            f"{app}: interrupted: stopped by {signal.Signals(signum).name}; {how_far(rows, sweep_dir)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(128 + signum)  # joblib's own shutdown would wait for workers that are gone
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self._is_multirun(config):
             return
         job_dir = Path(config.hydra.runtime.output_dir)
-        _write_json(job_dir / STATUS_FILE, {
-            "job": int(config.hydra.job.num),
-            "status": "running",
-            "started": time.time(),
-            "overrides": list(config.hydra.overrides.task),
-        })
+        _write_json(
+            job_dir / STATUS_FILE,
+            {
+                "job": int(config.hydra.job.num),
+                "status": "running",
+                "started": time.time(),
+                "overrides": list(config.hydra.overrides.task),
+            },
+        )
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if not self._is_multirun(config):
@@ -206,32 +359,40 @@ class SweepSummary(Callback):
         job_dir = Path(config.hydra.runtime.output_dir)
         status = _read_json(job_dir / STATUS_FILE)
         started = status.get("started")
-        failed = job_return.status != JobStatus.COMPLETED
-        status.update({
-            "job": int(config.hydra.job.num),
-            "status": "failed" if failed else "ok",
-            "wall_time_s": round(time.time() - started, 2) if started else None,
-            "epochs": OmegaConf.select(config, "trainer.max_epochs"),  # as set: only max_steps or early stopping end sooner
-            "error": _one_line(job_return._return_value) if failed else "",  # .return_value would re-raise it
-            "overrides": list(config.hydra.overrides.task),
-        })
-        _write_json(job_dir / STATUS_FILE, status)
-        sweep_dir = Path(config.hydra.sweep.dir)
-        with _locked(sweep_dir):
-            write_summary(sweep_dir, self.metrics_file)
+        error = status.get("error", "") if status.get("status") == "failed" else ""  # job_reporting's record
+        if job_return.status != JobStatus.COMPLETED and not error:
+            error = "the job failed (see its log)"
+        _update_status(
+            job_dir,
+            Path(config.hydra.sweep.dir),
+            job=int(config.hydra.job.num),
+            status="failed" if error else "ok",
+            wall_time_s=round(time.time() - started, 2) if started else None,
+            # as set: only max_steps or early stopping end sooner
+            epochs=OmegaConf.select(config, "trainer.max_epochs"),
+            error=error,
+            overrides=list(config.hydra.overrides.task),
+        )
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        with _locked(sweep_dir):
-            for status_path in sweep_dir.rglob(STATUS_FILE):
-                status = _read_json(status_path)
-                if status.get("status") == "running":  # its process died before Hydra could report it
-                    status.update(status="failed", error="the job's process ended without reporting a result")
-                    _write_json(status_path, status)
-            rows = write_summary(sweep_dir, self.metrics_file)
+        rows = _mark_unfinished(sweep_dir, "the job's process ended without reporting a result")
         ok = [r for r in rows if r["status"] == "ok"]
-        best = f"; best: job {ok[0]['job']} ({ok[0]['overrides']}), val/nelbo {ok[0]['val/nelbo']:.4f}" \
-            if ok and ok[0]["val/nelbo"] is not None else ""
-        log.info("sweep summary: %s (%d ok, %d failed)%s", sweep_dir / "summary.md", len(ok), len(rows) - len(ok), best)
+        best = (
+            f"; best: job {ok[0]['job']} ({ok[0]['overrides']}), val/nelbo {ok[0]['val/nelbo']:.4f}"
+            if ok and ok[0]["val/nelbo"] is not None
+            else ""
+        )
+        log.info("sweep summary: %s (%d ok, %d not)%s", sweep_dir / "summary.md", len(ok), len(rows) - len(ok), best)
+        failed = sorted((r for r in rows if r["status"] != "ok"), key=lambda r: r["job"] if r["job"] is not None else math.inf)
+        if failed and self.fail_on_failed_jobs:  # every job has run (Hydra's way); the sweep then fails, in one line
+            first = failed[0]
+            print(
+                f"{config.hydra.help.app_name}: error: {len(failed)} of {len(rows)} jobs failed; the first, job "
+                f"{first['job']} ({first['overrides']}): {first['error']}; summary: {sweep_dir / 'summary.md'}",
+                file=sys.stderr,
+                flush=True,
+            )
+            sys.exit(1)

@@ -1,25 +1,29 @@
-"""`vaelab-train`: compose the config, build every part with hydra.utils.instantiate, fit, test, report."""
+"""`vaelab-train`: check everything, build every part with hydra.utils.instantiate, fit, test, report.
+
+The console script (vaelab.cli) has already claimed and locked the run directory (vaelab.rundir.RunDirectory).
+`resume_from=<run dir>` is one plain branch of `prepare`: that run's saved config, its own newest checkpoint.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vaelab.resume import ResumeError, logger_kwargs, resume_argv, resume_point
-from vaelab.sweep import objective, parallel_threads
-from vaelab.validate import check_output_dir, exit_cleanly, validate
+from vaelab import rundir, schema
+from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, recorded
+from vaelab.files import atomic_write
+from vaelab.rundir import ResumePoint
+from vaelab.sweep import job_reporting, objective, parallel_threads
 
 log = logging.getLogger(__name__)
-
-# conf/ sits at the repository root (editable install). An absolute path, because Hydra resolves a relative
-# one against the package when started through a console script.
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+TRAINING_STATE = {"state_dict", "optimizer_states", "loops", "epoch", "global_step"}
 
 
 def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
@@ -44,75 +48,202 @@ def write_hparams(logger, params: dict, metrics: dict[str, float]) -> None:
     """Write the HPARAMS-tab entry into the run's own event file, with the final metrics as its columns.
 
     Lightning's log_hyperparams(params, metrics) would also write each metric as a scalar at step 0,
-    a false point on the val/loss curve; the hparams summary alone points the tab at the real curves.
+    a false point on the val/loss curve; the hparams summary alone points the tab at the real curves. (A
+    writer of its own: the logger's was closed when the test stage ended; TensorBoard reads every event file
+    of the folder as one run.)
     """
+    from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    writer = logger.experiment._get_file_writer()
-    for summary in hparams(params, metrics):
-        writer.add_summary(summary)
-    writer.flush()
+    with SummaryWriter(log_dir=logger.log_dir) as writer:
+        for summary in hparams(params, metrics):
+            writer.file_writer.add_summary(summary)
+
+
+@dataclass
+class Start:
+    """What a run starts from, once every check has passed."""
+
+    cfg: DictConfig
+    run_dir: Path
+    checkpoint: dict | None = None  # the training checkpoint it continues from
+    point: ResumePoint | None = None  # None: a new run; ResumePoint(path=None): a resume from scratch
+    overrides: tuple[str, ...] = ()  # a resume's extra settings
+    resumed: bool = False  # resume_from: continuing this run directory
+
+
+def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dict, ResumePoint]:
+    from vaelab.checkpoints import check_buildable, read_checkpoint
+
+    checkpoint = read_checkpoint(path, key)
+    if not TRAINING_STATE <= set(checkpoint):
+        raise UserError(
+            f"{key}: {path} holds no training state (optimizer and loop counters), so training cannot continue from it"
+        )
+    # The same rule as vaelab-eval's: only network classes, with plain data (the config's own are trusted).
+    own = tuple(
+        str(t) for t in (OmegaConf.select(cfg, "model.encoder._target_"), OmegaConf.select(cfg, "model.decoder._target_"))
+    )
+    check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own)
+    loops = checkpoint.get("loops") or {}
+    step = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped", checkpoint["global_step"])
+    return checkpoint, ResumePoint(
+        path=path,
+        epoch=int(checkpoint["epoch"]),
+        step=int(step),
+        saved_at=checkpoint.get("saved_at"),
+        val_metrics=dict(checkpoint.get("val_metrics") or {}),
+    )
+
+
+def fit_is_done(cfg: DictConfig, point: ResumePoint | None) -> bool:
+    if point is None or point.path is None:
+        return False
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    return point.epoch + 1 >= int(cfg.trainer.max_epochs) or (max_steps > 0 and point.step >= max_steps)
+
+
+def prepare(cfg: DictConfig) -> Start:
+    """Every check before work starts: the settings and the checkpoint to start from. Nothing is written here."""
+    schema.check(cfg, "train")
+    run_dir = Path(cfg.paths.output_dir)
+    rundir.lock(run_dir)
+    if cfg.get("ckpt_path") in (None, ""):
+        return Start(cfg, run_dir)
+    path = Path(str(cfg.ckpt_path))
+    if not path.is_file():
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path}: no such checkpoint file; pass a .ckpt from a run's checkpoints/ "
+            f"folder (to continue a run in its own directory: vaelab-train resume_from=<run dir>)"
+        )
+    checkpoint, point = read_training_checkpoint(path, f"ckpt_path={cfg.ckpt_path}", cfg)
+    return Start(cfg, run_dir, checkpoint, point)
+
+
+def prepare_resume(value: str, overrides: list[str]) -> Start:
+    """The checks of `resume_from=<run dir> [settings]`: the run, its saved config with the settings, its newest
+    checkpoint. Nothing is written here, so a refusal leaves the run exactly as it was."""
+    run_dir = rundir.resume_dir(value)
+    rundir.lock(run_dir)
+    rundir.open_session(run_dir)
+    cfg = rundir.resumed(run_dir, overrides)
+    schema.check(cfg, "train")
+    overrides = tuple(overrides)
+    newest = rundir.newest_checkpoint(run_dir, cfg)
+    if newest is None:  # killed before its first checkpoint: it starts again, in place
+        return Start(cfg, run_dir, point=ResumePoint(path=None), overrides=overrides, resumed=True)
+    checkpoint, point = read_training_checkpoint(newest, f"resume_from={run_dir}", cfg)
+    if fit_is_done(cfg, point) and (run_dir / "metrics.json").exists():
+        raise UserError(
+            f"{run_dir} has nothing left to do: it trained all {point.epoch + 1} epochs and has its "
+            f"metrics.json; to train it further: vaelab-train resume_from={run_dir} epochs=<more>",
+            exit_code=0,
+        )
+    return Start(cfg, run_dir, checkpoint, point, overrides, resumed=True)
+
+
+def logger_kwargs(logger_cfg: DictConfig, point: ResumePoint | None) -> dict:
+    """A resumed run's TensorBoard logger purges what the interrupted run logged after its checkpoint."""
+    if point is None:
+        return {}
+    from hydra.utils import get_class
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    if not issubclass(get_class(logger_cfg._target_), TensorBoardLogger):
+        return {}
+    purge_step = rundir.first_step_logged_after(Path(instantiate(logger_cfg).log_dir), point)  # building it writes nothing
+    return {} if purge_step is None else {"purge_step": purge_step}
+
+
+@contextlib.contextmanager
+def named_disk_faults(run_dir: Path) -> Iterator[None]:
+    """A full or unwritable disk during the run: the file (TensorBoard's event writer does not say which: its
+    folder then) and how to go on."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_ERRNOS:
+            raise
+        named = err if err.filename else OSError(err.errno, err.strerror, str(run_dir / "tensorboard"))
+        then = (
+            f"; then continue with: vaelab-train resume_from={run_dir}"
+            if rundir.newest_checkpoint(run_dir, OmegaConf.create({}))
+            else "; then start the run again"
+        )
+        raise UserError(disk_message(named) + then) from None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Train and test one configuration; returns the final val/* and test/* metrics (also in metrics.json)."""
-    validate(cfg)  # first: a bad value costs a fraction of a second, before torch is imported or data read
-    if cfg.get("resume_from"):
-        raise ResumeError("resume_from is read by the vaelab-train command line; from Python, compose the run's "
-                          ".hydra/config.yaml with hydra.run.dir=<run dir> and ckpt_path=last")
-    output_dir = check_output_dir(cfg.paths.output_dir)
-    resume = resume_point(cfg)  # ckpt_path checked whole, before any data is read
+    """Train and test one configuration; returns the final val/* and test/* metrics (also in metrics.json).
+    With resume_from set, that run continues with its own saved config instead."""
+    return run(prepare_resume(str(cfg.resume_from), []) if cfg.get("resume_from") else prepare(cfg))
+
+
+def resume(value: str, overrides: list[str]) -> dict[str, float]:
+    """`vaelab-train resume_from=<run dir> [settings]` (vaelab.cli): continue that run in place."""
+    return run(prepare_resume(value, overrides))
+
+
+def run(start: Start) -> dict[str, float]:
+    cfg, run_dir, point = start.cfg, start.run_dir, start.point
     import pytorch_lightning as pl
     import torch
 
-    from vaelab.reliability import interruptions
+    from vaelab.checkpoints import check_fits
+    from vaelab.guards import for_run, interruptions
+    from vaelab.hardware import check_accelerator
 
+    check_accelerator(str(cfg.trainer.accelerator), "trainer.accelerator", "use trainer=cpu")
     threads = cfg.threads or parallel_threads()  # in a joblib sweep, null shares the cores out among the jobs
     if threads:
         torch.set_num_threads(int(threads))
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule: pl.LightningDataModule = instantiate(cfg.data)
-    model: pl.LightningModule = instantiate(cfg.model)
-    loggers = [instantiate(c, **logger_kwargs(c, resume)) for c in cfg.logger.values() if c is not None] if cfg.get("logger") else []
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None] if cfg.get("callbacks") else []
-    trainer: pl.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    datamodule: pl.LightningDataModule = build(cfg.data, "data")
+    model: pl.LightningModule = build(cfg.model, "model")
+    if start.checkpoint is not None:
+        check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
+    loggers = [
+        build(c, f"logger.{name}", **logger_kwargs(c, point)) for name, c in (cfg.get("logger") or {}).items() if c is not None
+    ]
+    callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
+    trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
+    if start.resumed:  # recorded only now: a resume refused by any check above leaves the run as it was
+        rundir.record_resume(run_dir, cfg, list(start.overrides))
+        rundir.continue_log()
 
-    with interruptions(trainer, output_dir):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume.path if resume else None)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    with recorded(), named_disk_faults(run_dir):
+        fit_done = fit_is_done(cfg, point)
+        with interruptions(trainer, run_dir):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, weights_only=True)
+        metrics = (
+            point.val_metrics if fit_done else {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        )
 
-    if cfg.test_after_fit and not trainer.interrupted:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        with interruptions(trainer, output_dir):
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        if cfg.test_after_fit and not trainer.interrupted:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            with interruptions(trainer, run_dir):
+                trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
-    if trainer.is_global_zero:
-        metrics = dict(sorted(metrics.items()))
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        for logger in trainer.loggers:
-            if isinstance(logger, pl.loggers.TensorBoardLogger):
-                write_hparams(logger, hparams_of(cfg), metrics)
-        log.info("metrics: %s", json.dumps(metrics))
-        log.info("run directory: %s", output_dir)
+        if trainer.is_global_zero:
+            metrics = dict(sorted(metrics.items()))
+            for logger in trainer.loggers:
+                if isinstance(logger, pl.loggers.TensorBoardLogger):
+                    write_hparams(logger, hparams_of(cfg), metrics)
+            atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: the run is complete
+            log.info("metrics: %s", json.dumps(metrics))
+            log.info("run directory: %s", run_dir)
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task; returns the final val/recon + val/kl (val/loss at beta 1) for sweepers to minimise
-    (vaelab.sweep.objective). Bad input ends in one line."""
-    with exit_cleanly("vaelab-train"):
+def hydra_task(cfg: DictConfig) -> float | None:
+    """The Hydra task; returns the final val/recon + val/kl (val/loss at beta 1) for sweepers to minimise."""
+    with job_reporting("vaelab-train"):
         return objective(train(cfg))
 
 
-def main() -> None:
-    """Entry point of `vaelab-train`: `resume_from=<run dir>` becomes that run's saved config (vaelab.resume)."""
-    with exit_cleanly("vaelab-train"):
-        sys.argv = resume_argv(sys.argv)
-    hydra_main()
-
-
 if __name__ == "__main__":
-    main()
+    from vaelab.cli import train as _main
+
+    _main()

@@ -1,0 +1,193 @@
+"""How errors reach the user: one line on stderr naming what was wrong and the fix, no traceback, a non-zero exit.
+
+`UserError` is the one error type for anything the user can fix; `Interrupted` is a stop by a signal (a
+BaseException, like KeyboardInterrupt, so that a sweep stops instead of going on with its next job).
+`exit_cleanly` is the one place where they, Hydra's own composition errors, Ctrl-C and a full or unwritable
+disk become that line. Only the standard library and Hydra's error types are imported: it runs first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import sys
+from collections.abc import Iterator
+
+# OS errors that mean "this location cannot take (or give) the data": a line, not a traceback.
+# EFBIG is what a file-size limit (ulimit -f) gives, a full disk in miniature.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message is one line that says everything."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Interrupted(BaseException):
+    """Stopped by a signal; the exit status is 128 + the signal number, as a shell reports it."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+def one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def show(value: object) -> str:
+    """A value as it would be typed on the command line."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(show(v) for v in value) + "]"
+    if isinstance(value, float):  # as typed: a typed float field turns `lr=0` into 0.0
+        return repr(value).removesuffix(".0")
+    return str(value)
+
+
+def disk_message(err: OSError, setting: str = "hydra.run.dir=<dir>") -> str:
+    """A disk fault: the path, what the system said, and the setting that moves it elsewhere."""
+    verb = "cannot access" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # a permission error may be a read
+    return (
+        f"{verb} {err.filename or 'the disk'}: {err.strerror or err}. Everything written before is kept; "
+        f"free some space or choose another place with {setting}"
+    )
+
+
+def build(node, key: str, **kwargs):
+    """hydra.utils.instantiate(node), with a constructor's complaint about its settings as one line naming the
+    config key (a UserError raised inside passes through as it is)."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        while isinstance(cause, InstantiationException) and cause.__cause__ is not None:  # nested targets
+            cause = cause.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, (ValueError, TypeError, MisconfigurationException, InstantiationException)):
+            raise UserError(
+                f"{key} ({node.get('_target_')}) refuses its settings: {type(cause).__name__}: "
+                f"{one_line(cause)[:300]}; fix the {key}.* settings"
+            ) from None
+        raise
+
+
+def hydra_message(err: Exception) -> str | None:
+    """Hydra's composition errors (unknown keys and choices, bad types, unparsable overrides) as one line."""
+    import difflib
+
+    from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
+    cause = err.__cause__
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
+        group, _, choice = err.missing_cfg_file.rpartition("/")
+        return f"{group}={choice} is not a choice of {group}: choose one of {', '.join(err.options)}"
+    if isinstance(err, OverrideParseException):
+        return f"cannot parse the override {err.override!r}: {one_line(err.message)}"
+    if isinstance(cause, ValidationError) and cause.full_key:  # a structured config's type check
+        from vaelab.schema import type_message
+
+        return type_message(cause.full_key, cause)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
+        key = cause.full_key
+        near = difflib.get_close_matches(key.rpartition(".")[2], list(getattr(cause.parent_node, "keys", list)()), n=1)
+        hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{near[0]}? " if near else ""
+        return f"there is no setting {key}: {hint}`--cfg job` prints every setting (a new key needs a +, e.g. +{key}=...)"
+    if isinstance(err, CompactHydraException):
+        return one_line(err) + (f" ({one_line(cause).split(' full_key:')[0]})" if cause else "")
+    return None
+
+
+@contextlib.contextmanager
+def recorded() -> Iterator[None]:
+    """Write an error that ends a run into the run's log file (Hydra's file handler) too, then let it go on to
+    exit_cleanly. Only around a run's work: a run refused before it starts leaves its directory as it was."""
+    import logging
+
+    log = logging.getLogger(__name__)
+    try:
+        yield
+    except (Exception, Interrupted) as err:
+        message = message_for(err) or f"{type(err).__name__}: {err}"
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, one_line(message), None, None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
+        err.recorded = True  # type: ignore[attr-defined]  (job_reporting then does not log it again)
+        raise
+
+
+# Set by the user (for a full traceback), or by exit_cleanly itself so that Hydra raises instead of printing.
+_USER_WANTS_TRACEBACKS = "HYDRA_FULL_ERROR" in os.environ
+
+
+def message_for(err: BaseException) -> str | None:
+    """The one line for an error the user can act on; None for anything else (a bug keeps its traceback)."""
+    if isinstance(err, (UserError, Interrupted)):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
+        return disk_message(err)
+    if isinstance(err, Exception) and not _USER_WANTS_TRACEBACKS:
+        return hydra_message(err)
+    return None
+
+
+@contextlib.contextmanager
+def exit_cleanly(prog: str) -> Iterator[None]:
+    """Report what the user can act on as `<prog>: error: <one line>` on stderr and exit non-zero.
+
+    Anything else keeps its traceback: a bug. Hydra is told to raise its errors instead of printing them
+    over several lines (HYDRA_FULL_ERROR), unless the user asked for that themselves.
+    """
+    if not _USER_WANTS_TRACEBACKS:
+        os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
+        _exit(prog, "interrupted", "stopped by SIGINT before training started", 130)
+    except (Exception, Interrupted) as err:
+        message = message_for(err)
+        if message is None:
+            raise
+        code = getattr(err, "exit_code", 1)
+        _exit(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, code)
+
+
+def quiet_threads() -> None:
+    """A background thread's disk fault (TensorBoard's event writer on a full disk) is logged, not printed with
+    its traceback: the main thread meets the same error at its next write and reports it in one line."""
+    import logging
+    import threading
+
+    default = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_ERRNOS:
+            logging.getLogger(__name__).warning(
+                "%s in thread %s", disk_message(args.exc_value), args.thread.name if args.thread else "?"
+            )
+        else:
+            default(args)
+
+    threading.excepthook = hook
+
+
+def _exit(prog: str, label: str, message: str, code: int) -> None:
+    label = label if code else "note"  # e.g. a resume with nothing left to do
+    print(f"{prog}: {label}: {one_line(message)}", file=sys.stderr, flush=True)
+    sys.exit(code)

@@ -1,0 +1,323 @@
+"""The life of a run directory: claimed uniquely, locked while in use, never written over, resumed in place.
+
+- Every run (and sweep) gets a directory no other run has: the default `<date>/<time>` is claimed with an
+  exclusive mkdir (atomic on local and network file systems), `<time>-2`, `-3`, ... when taken.
+- A directory named with hydra.run.dir (or hydra.sweep.dir) that already holds vaelab's outputs is refused,
+  unless overwrite=true, which first removes those outputs.
+- While a command uses its directory it holds an exclusive lock on it (flock on the directory itself, so no
+  file is added): a second command on the same directory stops in one line.
+- `resume_from=<run dir>` continues that run in place with its own saved config and the settings given
+  (`resumed`), outside Hydra's command line (`open_session` sets up what Hydra would), and records the resume
+  in .hydra/resume-<time>/ only once every check has passed.
+
+The Hydra callback `RunDirectory` does the checks and the claiming before Hydra writes anything. Only the standard library,
+hydra and omegaconf are imported here: it runs at start-up.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from vaelab import schema
+from vaelab.errors import UserError, exit_cleanly, one_line
+from vaelab.files import atomic_write
+from vaelab.hardware import check_accelerator, check_device
+
+# What vaelab's commands write into a run directory: a directory holding any of them holds a run.
+OUTPUTS = (
+    ".hydra",
+    "checkpoints",
+    "tensorboard",
+    "images",
+    "metrics.json",
+    "train.log",
+    "eval.json",
+    "eval.log",
+    "noise_error.png",
+    "samples.png",
+    "interpolation.png",
+    "generate.log",
+    "job_status.json",
+)
+SWEEP_OUTPUTS = ("multirun.yaml", "summary.csv", "summary.md")
+COMMANDS = {"vaelab-train": "train", "vaelab-eval": "eval", "vaelab-generate": "generate"}
+
+
+def outputs_in(directory: Path, names: tuple[str, ...] = OUTPUTS) -> list[str]:
+    return [name for name in names if (directory / name).exists()] if directory.is_dir() else []
+
+
+def claim(directory: Path, unique: bool, setting: str) -> Path:
+    """Create the directory; unique=True: exclusively, taking the first free `<name>`, `<name>-2`, ..."""
+    directory = Path(os.path.abspath(directory))
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        if not unique:
+            directory.mkdir(exist_ok=True)
+            probe = tempfile.TemporaryFile(dir=directory)  # writable? (nothing is left behind)
+            probe.close()
+            return directory
+        for n in range(1, 10_000):
+            candidate = directory if n == 1 else directory.with_name(f"{directory.name}-{n}")
+            try:
+                candidate.mkdir()
+                return candidate
+            except FileExistsError:
+                continue
+        raise UserError(f"{directory}: 10,000 runs started in the same second; choose a directory with {setting}")
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else err.strerror or str(err)
+        raise UserError(
+            f"cannot write the output directory {directory}: {reason} ({err.filename}); choose a writable one with {setting}"
+        ) from None
+
+
+_locks: dict[str, int] = {}
+
+
+def lock(directory: Path) -> None:
+    """Hold an exclusive lock on the directory until this process ends (again from the same process: no-op)."""
+    key = os.path.realpath(directory)
+    if key in _locks:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(
+            f"{directory} is in use by another vaelab command right now (it holds the directory's lock); "
+            f"wait for it to end, or use another directory"
+        ) from None
+    _locks[key] = fd
+
+
+def _remove_outputs(directory: Path, names: list[str]) -> None:
+    for name in names:
+        target = directory / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+
+
+def _given(config: DictConfig, key: str) -> bool:
+    return any(o.split("=", 1)[0].lstrip("+") == key for o in config.hydra.overrides.hydra)
+
+
+class RunDirectory(HydraCallback):
+    """Hydra callback: check the settings, then claim and lock the run (or sweep) directory, before Hydra
+    creates or writes anything. (Hydra turns an exception raised here into a warning: the refusals exit.)"""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        app = config.hydra.help.app_name
+        with exit_cleanly(app):
+            HydraConfig.instance().set_config(config)  # so that ${hydra:...} in the paths resolves already
+            command = COMMANDS[app]
+            schema.check(config, command)
+            if command == "train":
+                check_accelerator(str(config.trainer.get("accelerator")), "trainer.accelerator", "use trainer=cpu")
+            else:
+                check_device(str(config.device))
+            directory = self.fresh(
+                config, str(config.hydra.run.dir), _given(config, "hydra.run.dir"), "hydra.run.dir=<dir>", OUTPUTS, app
+            )
+            lock(directory)
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = str(directory)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        app = config.hydra.help.app_name
+        with exit_cleanly(app):
+            HydraConfig.instance().set_config(config)
+            directory = self.fresh(
+                config,
+                str(config.hydra.sweep.dir),
+                _given(config, "hydra.sweep.dir"),
+                "hydra.sweep.dir=<dir>",
+                SWEEP_OUTPUTS,
+                app,
+            )
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.sweep.dir = str(directory)
+                # each job recomposes its config from these overrides: they must name the claimed directory
+                config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{_quoted(directory)}'")
+
+    @staticmethod
+    def fresh(config: DictConfig, directory: str, given: bool, setting: str, names: tuple[str, ...], app: str) -> Path:
+        path = Path(directory)
+        found = outputs_in(path, names) + (
+            [p.name for p in path.iterdir() if p.is_dir() and outputs_in(p)] if names is SWEEP_OUTPUTS and path.is_dir() else []
+        )
+        if given and found and not config.get("overwrite"):
+            resume = " (to continue it: vaelab-train resume_from=" + str(path) + ")" if "checkpoints" in found else ""
+            raise UserError(
+                f"{setting.split('=')[0]}={directory} already holds {'a sweep' if names is SWEEP_OUTPUTS else 'a run'} "
+                f"({', '.join(found[:3])}){resume}; choose a new directory, or add overwrite=true to replace it"
+            )
+        if given and found:
+            _remove_outputs(path, found)
+        return claim(path, unique=not given, setting=f"{setting} or paths.log_dir=<dir>")
+
+
+def _quoted(path: Path) -> str:
+    return str(path).replace("\\", "\\\\").replace("'", "\\'")
+
+
+# --- resuming ---------------------------------------------------------------------------------------------------
+
+
+def resume_dir(value: str) -> Path:
+    directory = Path(os.path.abspath(value))
+    if not directory.is_dir():
+        raise UserError(
+            f"resume_from={value}: no such directory; pass a run directory of vaelab-train, e.g. "
+            f"resume_from=outputs/<date>/<time>"
+        )
+    if saved_config_path(directory) is None:
+        raise UserError(f"resume_from={value}: {directory} is not a vaelab-train run directory (it has no .hydra/config.yaml)")
+    return directory
+
+
+def open_session(run_dir: Path) -> None:
+    """For a resume, what Hydra sets up for a run: its config (for ${hydra:...}, e.g. the working directory the
+    data cache is found from), with run_dir as the output directory. (The log file: record_resume.)"""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import configure_log
+
+    from vaelab import CONF_DIR
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    with read_write(cfg.hydra), open_dict(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(run_dir)
+        cfg.hydra.job.name = "train"
+    HydraConfig.instance().set_config(cfg)
+    console = OmegaConf.to_container(cfg.hydra.job_logging, resolve=False)  # to stdout, as in a run; the file comes later
+    console["handlers"] = {"console": console["handlers"]["console"]}
+    console["root"]["handlers"] = ["console"]
+    configure_log(OmegaConf.create(console), cfg.hydra.verbose)
+
+
+def continue_log() -> None:
+    """A resume that has passed its checks logs into the run's train.log again (appended), as Hydra would."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.core.utils import configure_log
+
+    configure_log(HydraConfig.get().job_logging, HydraConfig.get().verbose)
+
+
+def saved_config_path(run_dir: Path) -> Path | None:
+    """The config the run last ran with: its latest resume's, else the original .hydra/config.yaml."""
+    resumes = sorted((run_dir / ".hydra").glob("resume-*/config.yaml"))
+    original = run_dir / ".hydra" / "config.yaml"
+    return resumes[-1] if resumes else original if original.exists() else None
+
+
+def resumed(run_dir: Path, overrides: list[str]) -> DictConfig:
+    """The run's saved config with the user's extra overrides (e.g. epochs=20 to train further), writing to run_dir.
+
+    Plain settings can change; the config groups the run was built from (model=..., data=...) cannot.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    path = saved_config_path(run_dir)
+    try:
+        cfg = OmegaConf.load(path)
+        if not isinstance(cfg, DictConfig) or "trainer" not in cfg or "model" not in cfg:
+            raise ValueError("it is not a vaelab-train config (no model and trainer sections)")
+    except Exception as err:  # yaml, OSError, ValueError: all mean the same to the user
+        raise UserError(
+            f"resume_from={run_dir}: its saved config {path} is damaged ({type(err).__name__}: "
+            f"{one_line(err)[:200]}); restore it from a copy, or start a new run"
+        ) from None
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key, line = override.key_or_group, override.input_line
+        if override.is_sweep_override():
+            raise UserError(f"{line}: a resume continues one run, it cannot sweep")
+        current = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        exists = OmegaConf.select(cfg, key, default="\0missing") != "\0missing"
+        if override.is_delete():
+            parent, _, leaf = key.rpartition(".")
+            node = OmegaConf.select(cfg, parent) if parent else cfg
+            if exists:
+                with open_dict(node):
+                    del node[leaf]
+            continue
+        value = override.value()
+        if isinstance(current, DictConfig) and not isinstance(value, dict):
+            raise UserError(
+                f"{line}: the run was built from its own {key} config, which a resume cannot swap; start a new run with {line}"
+            )
+        if not exists and not override.is_add() and not override.is_force_add():
+            raise UserError(f"{line}: the run's saved config has no setting {key}; add it with +{line} if it is new")
+        if exists and override.is_add():
+            raise UserError(f"{line}: the run's saved config has {key} already; drop the + to change it")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+        cfg.resume_from = None
+    return cfg
+
+
+def record_resume(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Path:
+    """.hydra/resume-<time>/ with the resumed config and the overrides given: the next resume starts from it."""
+    from datetime import datetime
+
+    folder = claim(run_dir / ".hydra" / f"resume-{datetime.now():%Y-%m-%d_%H-%M-%S}", unique=True, setting="hydra.run.dir")
+    atomic_write(folder / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
+    return folder
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues: its checkpoint (None: from scratch) and what the checkpoint recorded."""
+
+    path: Path | None
+    epoch: int = -1  # the epoch the checkpoint ended (0-based); -1: none
+    step: int = 0  # optimizer steps done: the first TensorBoard step the resumed run writes
+    saved_at: float | None = None  # when it was written (guards.Resumable records it)
+    val_metrics: dict[str, float] = field(default_factory=dict)  # the val/* of the epoch it ended
+
+
+def newest_checkpoint(run_dir: Path, cfg: DictConfig) -> Path | None:
+    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    folder = Path(folder) if folder else run_dir / "checkpoints"
+    last = folder / "last.ckpt"
+    if last.exists():
+        return last
+    others = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    return others[-1] if others else None
+
+
+def first_step_logged_after(log_dir: Path, point: ResumePoint) -> int | None:
+    """The step from which TensorBoard must forget what the interrupted run logged after its checkpoint."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
+    if point.path is None:
+        return 0 if files else None  # restarted from scratch: everything the killed run logged goes
+    if point.saved_at is None:  # a checkpoint from elsewhere: Lightning's own convention
+        return point.step
+    later = [
+        event.step
+        for file in files
+        for event in EventFileLoader(str(file)).Load()
+        if event.HasField("summary") and event.wall_time > point.saved_at and event.step >= point.step
+    ]
+    return min(later, default=None)

@@ -1,0 +1,324 @@
+"""The settings of each command, checked before any work starts.
+
+Types come from Hydra's structured configs: the dataclasses below are the first entry of each command's
+defaults list, so `seed=abc` or `lr=fast` is refused while Hydra composes, before our code runs. The config
+groups (data, model, trainer, ...) stay open, so a user's own configs can add keys; what their values must be
+(a positive integer, a number in [0, 1], one of a few names), and the ranges of the typed keys, are in RULES,
+checked by `check(cfg, command)`: one line naming the key as the user typed it, the value, what is allowed and
+an example. Importing this module registers the schemas and vaelab's resolvers; only hydra and omegaconf
+are imported.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from vaelab import hardware  # noqa: F401  registers the resolvers the configs use
+from vaelab.errors import UserError, show
+
+
+@dataclass
+class Paths:
+    root_dir: str = MISSING
+    data_dir: str = MISSING
+    log_dir: str = MISSING
+    output_dir: str = MISSING
+
+
+@dataclass
+class Command:
+    """What every command has: where things go, the data, and whether an existing run may be written over."""
+
+    paths: Paths = MISSING
+    data: Any = MISSING
+    seed: int = MISSING
+    overwrite: bool = MISSING
+
+
+@dataclass
+class Train(Command):
+    latent_dim: int = MISSING
+    epochs: int = MISSING
+    noise_factor: float = MISSING
+    denoise: bool = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
+    beta: float = MISSING
+    threads: Optional[int] = MISSING
+    ckpt_path: Optional[str] = MISSING
+    resume_from: Optional[str] = MISSING
+    test_after_fit: bool = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = None
+    callbacks: Any = None
+
+
+@dataclass
+class Inspect(Command):
+    """What vaelab-eval and vaelab-generate share: a checkpoint to read, the device, the networks a user trusts."""
+
+    ckpt_path: str = MISSING
+    device: str = MISSING
+    allow_networks: list[str] = field(default_factory=list)
+    batch_size: int = MISSING
+
+
+@dataclass
+class Eval(Inspect):
+    num_importance_samples: Optional[int] = MISSING
+    pairs_per_pass: int = MISSING
+    num_images: Optional[int] = MISSING
+    noise_levels: list[float] = MISSING
+    active_unit_threshold: float = MISSING
+
+
+@dataclass
+class Generate(Inspect):
+    num_samples: int = MISSING
+    nrow: Optional[int] = MISSING
+    temperature: float = MISSING
+    interpolate: bool = MISSING
+    num_pairs: int = MISSING
+    num_steps: int = MISSING
+
+
+store = ConfigStore.instance()
+for name, node in (("train_schema", Train), ("eval_schema", Eval), ("generate_schema", Generate)):
+    store.store(name=name, node=node)
+
+
+# --- range checks -------------------------------------------------------------------------------------------
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class Rule:
+    check: Callable[[Any], bool]
+    allowed: str  # in words
+    example: str  # a good value, as typed
+
+
+POSITIVE_INT = Rule(lambda v: _int(v) and v > 0, "a positive integer", "1")
+OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or (_int(v) and v > 0), "a positive integer or null", "null")
+INTEGER = Rule(_int, "an integer", "0")
+BOOL = Rule(lambda v: isinstance(v, bool), "true or false", "false")
+STRING = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string", "...")
+
+
+def at_least(low: float, example: str, strict: bool = False) -> Rule:
+    sign = ">" if strict else ">="
+    return Rule(lambda v: _number(v) and (v > low if strict else v >= low), f"a number {sign} {low:g}", example)
+
+
+def one_of(*names: str) -> Rule:
+    return Rule(lambda v: v in names, f"one of {', '.join(names)}", names[0])
+
+
+def between(low: float, high: float, example: str) -> Rule:
+    return Rule(lambda v: _number(v) and low <= v <= high, f"a number in [{low:g}, {high:g}]", example)
+
+
+def like(rule: Rule, example: str) -> Rule:
+    return Rule(rule.check, rule.allowed, example)
+
+
+EVERY_N_EPOCHS = like(POSITIVE_INT, "1")
+DEVICE = Rule(
+    lambda v: isinstance(v, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None,
+    "auto, cpu, cuda, cuda:<index> or mps",
+    "auto",
+)
+LIMIT = Rule(
+    lambda v: v is None or (_int(v) and v >= 0) or (_number(v) and 0 <= v <= 1),
+    "null, a number of batches (an integer >= 0) or a fraction in [0, 1]",
+    "null",
+)
+
+# Where each value finally lives -> (the headline key of conf/train.yaml the groups read it through, or None; rule)
+DATA_RULES: dict[str, tuple[str | None, Rule]] = {
+    "data.batch_size": ("batch_size", like(POSITIVE_INT, "128")),
+    "data.eval_batch_size": (None, like(POSITIVE_INT, "1000")),
+    "data.val_size": (None, Rule(lambda v: _int(v) and 0 < v < 60000, "an integer between 1 and 59999", "5000")),
+    "data.split_seed": (None, INTEGER),
+    "data.seed": ("seed", like(INTEGER, "42")),
+    "data.download": (None, BOOL),
+    "data.image_shape": (
+        None,
+        Rule(
+            lambda v: isinstance(v, (list, ListConfig)) and len(v) == 3 and all(_int(d) and d > 0 for d in v),
+            "three positive integers [channels, height, width]",
+            "[1,28,28]",
+        ),
+    ),
+}
+RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
+    "train": {
+        "model.latent_dim": ("latent_dim", like(POSITIVE_INT, "16")),
+        "trainer.max_epochs": ("epochs", like(POSITIVE_INT, "10")),
+        "model.noise_factor": ("noise_factor", between(0, 1, "0.1")),
+        "model.optimizer.lr": ("lr", at_least(0, "1e-3", strict=True)),
+        "model.beta": ("beta", at_least(0, "1.0")),
+        "model.epsilon_std": (None, at_least(0, "1.0", strict=True)),
+        "model.objective": (None, one_of("elbo", "notebook")),
+        "model.denoise": ("denoise", BOOL),
+        "seed": (None, like(INTEGER, "42")),
+        "threads": (None, OPTIONAL_POSITIVE_INT),
+        "test_after_fit": (None, BOOL),
+        "trainer.log_every_n_steps": (None, like(POSITIVE_INT, "50")),
+        "trainer.num_sanity_val_steps": (None, Rule(lambda v: _int(v) and v >= -1, "an integer >= -1", "2")),
+        "trainer.max_steps": (None, Rule(lambda v: _int(v) and v >= -1, "an integer >= -1 (-1: no limit)", "-1")),
+        "trainer.gradient_clip_val": (None, Rule(lambda v: v is None or (_number(v) and v >= 0), "null or a number >= 0", "1.0")),
+        "trainer.limit_train_batches": (None, LIMIT),
+        "trainer.limit_val_batches": (None, LIMIT),
+        "trainer.limit_test_batches": (None, LIMIT),
+        "trainer.accelerator": (None, one_of("cpu", "gpu", "cuda", "mps", "auto")),
+        **DATA_RULES,
+    },
+    "eval": {
+        "ckpt_path": (None, like(STRING, "outputs/<date>/<time>/checkpoints/last.ckpt")),
+        "device": (None, DEVICE),
+        "num_importance_samples": (None, like(OPTIONAL_POSITIVE_INT, "100")),
+        "pairs_per_pass": (None, like(POSITIVE_INT, "20000")),
+        "batch_size": (None, like(POSITIVE_INT, "1000")),
+        "num_images": (None, like(OPTIONAL_POSITIVE_INT, "1000")),
+        "noise_levels": (
+            None,
+            Rule(
+                lambda v: isinstance(v, (list, ListConfig)) and len(v) > 0 and all(_number(x) and x >= 0 for x in v),
+                "a non-empty list of noise standard deviations >= 0",
+                "[0,0.1,0.3]",
+            ),
+        ),
+        "active_unit_threshold": (None, at_least(0, "0.01")),
+        "seed": (None, INTEGER),
+        **DATA_RULES,
+    },
+    "generate": {
+        "ckpt_path": (None, like(STRING, "outputs/<date>/<time>/checkpoints/last.ckpt")),
+        "device": (None, DEVICE),
+        "num_samples": (None, like(POSITIVE_INT, "64")),
+        "nrow": (None, like(OPTIONAL_POSITIVE_INT, "8")),
+        "temperature": (None, at_least(0, "0.8", strict=True)),
+        "interpolate": (None, BOOL),
+        "num_pairs": (
+            None,
+            Rule(lambda v: _int(v) and 0 < v <= 5000, "an integer between 1 and 5000 (pairs of the 10,000 test images)", "8"),
+        ),
+        "num_steps": (None, Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (both ends of each row)", "10")),
+        "batch_size": (None, like(POSITIVE_INT, "256")),
+        "seed": (None, INTEGER),
+        **DATA_RULES,
+    },
+}
+
+# The settings of vaelab's own callbacks (conf/callbacks/<name>.yaml), checked wherever the callback is configured.
+CALLBACK_RULES: dict[str, dict[str, Rule]] = {
+    "vaelab.callbacks.Reconstructions": {"num_images": like(POSITIVE_INT, "16")},
+    "vaelab.callbacks.NoisyReconstructions": {"num_images": like(POSITIVE_INT, "16"), "noise_factor": at_least(0, "0.1")},
+    "vaelab.callbacks.Interpolation": {
+        "num_pairs": like(POSITIVE_INT, "8"),
+        "steps": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (the two ends)", "10"),
+        "method": one_of("linear", "spherical"),
+    },
+    "vaelab.callbacks.Samples": {
+        "num_samples": like(POSITIVE_INT, "64"),
+        "ncols": like(POSITIVE_INT, "8"),
+        "temperature": at_least(0, "1.0", strict=True),
+    },
+    "vaelab.callbacks.LatentMap": {
+        "grid_size": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2", "20"),
+        "quantile_range": Rule(
+            lambda v: isinstance(v, (list, ListConfig)) and len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] < v[1] < 1,
+            "[low, high] with 0 < low < high < 1",
+            "[0.05,0.95]",
+        ),
+        "num_points": like(POSITIVE_INT, "2000"),
+    },
+}
+PICTURE_RULES = {"every_n_epochs": EVERY_N_EPOCHS, "seed": INTEGER}
+
+
+def user_key(cfg: DictConfig, path: str, headline: str | None) -> str:
+    """The key the user would type: the headline key while the nested value still reads it (`${headline}`)."""
+    if headline is None:
+        return path
+    parent_path, _, leaf = path.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+    if (
+        isinstance(parent, DictConfig)
+        and leaf in parent
+        and OmegaConf.to_container(parent, resolve=False).get(leaf) == "${" + headline + "}"
+    ):
+        return headline
+    return path
+
+
+def refuse(key: str, value: Any, rule: Rule) -> UserError:
+    return UserError(f"{key}={show(value)} is not allowed: {key} must be {rule.allowed}, e.g. {key}={rule.example}")
+
+
+def _checks(cfg: DictConfig, command: str):
+    """(path, headline, rule) for every setting of `command` that is in this config."""
+    for path, (headline, rule) in RULES[command].items():
+        yield path, headline, rule
+    callbacks = cfg.get("callbacks") if command == "train" else None
+    for name, node in (callbacks or {}).items():
+        if isinstance(node, DictConfig) and node.get("_target_") in CALLBACK_RULES:
+            for key, rule in {**CALLBACK_RULES[node._target_], **PICTURE_RULES}.items():
+                yield f"callbacks.{name}.{key}", None, rule
+
+
+def check(cfg: DictConfig, command: str) -> None:
+    """Raise UserError for the first setting outside what it allows (in the order of RULES)."""
+    for path, headline, rule in _checks(cfg, command):
+        parent_path, _, leaf = path.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+        if not isinstance(parent, DictConfig) or leaf not in parent.keys():  # `in` alone misses ??? values
+            continue  # a part that does not have this setting (e.g. another trainer)
+        key = user_key(cfg, path, headline)
+        if OmegaConf.is_missing(parent, leaf):
+            raise UserError(f"{key} is required, e.g. {key}={rule.example}")
+        try:
+            value = OmegaConf.select(cfg, path, throw_on_missing=True)
+        except OmegaConfBaseException as err:  # an interpolation to a key that does not exist, a missing value
+            raise UserError(
+                f"{key} cannot be read ({str(err).strip().splitlines()[0]}); it must be {rule.allowed}, e.g. {key}={rule.example}"
+            ) from None
+        if isinstance(value, ListConfig):
+            value = OmegaConf.to_container(value)
+        if not rule.check(value):
+            raise refuse(key, value, rule)
+
+
+def type_message(full_key: str, err: OmegaConfBaseException) -> str:
+    """A structured config's type error at compose time, in the words of check()."""
+    path = re.sub(r"\[\d+\]$", "", full_key)
+    rules = {p: r for command in RULES.values() for p, r in command.items()}
+    by_headline = {h: (p, r) for p, (h, r) in rules.items() if h}
+    if path in by_headline:
+        rule = by_headline[path][1]
+    elif path in rules:
+        rule = rules[path][1]
+    else:
+        return f"{full_key}: {str(err).strip().splitlines()[0]}"
+    typed = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") == path and "=" in a), None)
+    found = re.search(r"Value '(.*)' of type", str(err))
+    value = typed if typed is not None else found.group(1) if found else "?"
+    return f"{path}={value} is not allowed: {path} must be {rule.allowed}, e.g. {path}={rule.example}"
