@@ -26,6 +26,14 @@ FAST = [
 ]
 
 
+def default_signals() -> None:
+    """In the child: Ctrl-C as in a terminal. A shell without job control starts background jobs with SIGINT
+    ignored, and the child would inherit that (pytest started with `&` from a script)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(
     *args: str,
     tool: str = "vaelab-train",
@@ -44,6 +52,7 @@ def run_cli(
         env=full_env,
         cwd=cwd or REPO,
         stdin=subprocess.DEVNULL,
+        preexec_fn=default_signals,
     )
     if check and proc.returncode != 0:
         raise AssertionError(
@@ -58,7 +67,8 @@ def train_run(run_dir: Path, *overrides: str, check: bool = True) -> subprocess.
 
 
 def read_metrics(run_dir: Path) -> dict[str, float]:
-    return json.loads((run_dir / "metrics.json").read_text())
+    """The figures of a run's metrics.json (without its labels: likelihood, binarize, figures)."""
+    return {k: v for k, v in json.loads((run_dir / "metrics.json").read_text()).items() if not isinstance(v, str)}
 
 
 def event_accumulator(run_dir: Path):
@@ -144,6 +154,7 @@ def start(*args: str, tool: str = "vaelab-train", log: Path, env: dict | None = 
         stdin=subprocess.DEVNULL,
         env=full_env,
         cwd=REPO,
+        preexec_fn=default_signals,
     )
 
 
@@ -160,3 +171,31 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
         assert proc.poll() is None, f"the command ended ({proc.returncode}) before {path} appeared"
         assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
         time.sleep(0.05)
+
+
+def dense_vae(latent_dim: int = 3, image_shape=(1, 4, 4), lr: float = 1e-2, **kwargs):
+    """A small dense VAE built in-process (no config), for unit tests of the module and its guards."""
+    from vaelab.module import VAE
+
+    net = {"latent_dim": latent_dim, "image_shape": list(image_shape)}
+    return VAE(
+        encoder={"_target_": "vaelab.networks.DenseEncoder", **net},
+        decoder={"_target_": "vaelab.networks.DenseDecoder", **net},
+        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr},
+        latent_dim=latent_dim,
+        **kwargs,
+    )
+
+
+def run_with_file_limit(kib: int, *args: str) -> subprocess.CompletedProcess:
+    """vaelab-train under `ulimit -f` (Python ignores SIGXFSZ, so a write past the limit fails with EFBIG): a full
+    disk in miniature."""
+    return subprocess.run(
+        ["bash", "-c", f'ulimit -f {kib} && exec "$0" "$@"', str(BIN / "vaelab-train"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
+    )

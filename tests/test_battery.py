@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, DATA_DIR, FAST, REPO, one_line, run_cli, snapshot, train_run
+from conftest import BIN, DATA_DIR, FAST, one_line, run_cli, run_with_file_limit, snapshot, train_run
 
 CKPT = "outputs/<date>/<time>/checkpoints/last.ckpt"
 
@@ -260,23 +260,7 @@ def test_an_unwritable_output_dir(tmp_path, where, says):
 def test_a_full_disk_while_event_files_are_written(tmp_path):
     """A file-size limit (ulimit -f; Python ignores SIGXFSZ, so writes fail with EFBIG) below the pictures' size."""
     run_dir = tmp_path / "run"
-    proc = subprocess.run(
-        [
-            "bash",
-            "-c",
-            'ulimit -f 200 && exec "$0" "$@"',
-            str(BIN / "vaelab-train"),
-            *FAST,
-            "epochs=1",
-            f"hydra.run.dir={run_dir}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
-    )
+    proc = run_with_file_limit(200, *FAST, "epochs=1", f"hydra.run.dir={run_dir}")
     line = one_line(proc, f"vaelab-train: error: cannot write {run_dir}/tensorboard")
     assert "File too large. Everything written before is kept" in line and "hydra.run.dir=<dir>" in line
     assert "File too large" in (run_dir / "train.log").read_text()

@@ -56,3 +56,13 @@ def test_ddp_trainer_builds_on_cpu(compose):
     cfg = compose(["trainer=ddp"])
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert trainer.world_size == 2
+
+
+def test_the_density_estimation_preset_is_the_published_setting(compose):
+    cfg = compose(["experiment=fmnist_density"])
+    assert cfg.data.binarize == "dynamic" and cfg.model.name == "mlp" and cfg.model.likelihood == "bernoulli"
+    assert list(cfg.model.encoder.hidden) == [300, 300] and list(cfg.model.decoder.hidden) == [300, 300]
+    assert (cfg.model.latent_dim, cfg.data.batch_size, cfg.model.optimizer.lr, cfg.trainer.max_epochs) == (40, 100, 5e-4, 2000)
+    assert cfg.model.kl_warmup_epochs == 100 and cfg.model.binarize == "dynamic"
+    stop = cfg.callbacks.early_stopping
+    assert stop._target_.endswith("EarlyStopping") and (stop.monitor, stop.mode, stop.patience) == ("val/loss", "min", 50)

@@ -7,7 +7,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import DATA_DIR, one_line, train_run
+from conftest import DATA_DIR, dense_vae, one_line, train_run
 from vaelab.data import MNISTLike
 from vaelab.errors import UserError
 from vaelab.guards import for_run
@@ -27,13 +27,7 @@ class PoisonAtStep(pl.Callback):
 
 
 def small_vae() -> VAE:
-    net = {"latent_dim": 4, "image_shape": [1, 28, 28]}
-    return VAE(
-        encoder={"_target_": "vaelab.networks.DenseEncoder", **net},
-        decoder={"_target_": "vaelab.networks.DenseDecoder", **net},
-        optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3},
-        latent_dim=4,
-    )
+    return dense_vae(4, (1, 28, 28), lr=1e-3)
 
 
 def fit_poisoned(tmp_path, log_every_n_steps: int):

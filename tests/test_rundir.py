@@ -20,17 +20,15 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import (
-    BIN,
-    DATA_DIR,
     FAST,
     PAUSING_ENV,
-    REPO,
     event_accumulator,
     finished,
     one_line,
     pause_at,
     read_metrics,
     run_cli,
+    run_with_file_limit,
     snapshot,
     start,
     train_run,
@@ -177,22 +175,7 @@ def test_a_full_disk_while_resuming_keeps_the_last_checkpoint(tmp_path, referenc
     proc.wait(timeout=60)
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     limit_kib = len(before) // 1024 // 2
-    done = subprocess.run(
-        [
-            "bash",
-            "-c",
-            f'ulimit -f {limit_kib} && exec "$0" "$@"',
-            str(BIN / "vaelab-train"),
-            f"resume_from={run_dir}",
-            "~callbacks.pause",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
-    )
+    done = run_with_file_limit(limit_kib, f"resume_from={run_dir}", "~callbacks.pause")
     line = one_line(done, f"vaelab-train: error: cannot write {run_dir}/")
     assert "File too large. Everything written before is kept" in line and line.endswith(f"resume_from={run_dir}")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
@@ -230,7 +213,7 @@ def test_a_reference_has_nothing_left_to_do(tmp_path, reference):
     shutil.copytree(reference, run_dir)
     before = snapshot(run_dir)
     proc = run_cli(f"resume_from={run_dir}", check=False)
-    line = one_line(proc, f"vaelab-train: note: {run_dir} has nothing left to do: it trained all 2 epochs", code=0)
+    line = one_line(proc, f"vaelab-train: note: {run_dir} has nothing left to do: it trained 2 epochs", code=0)
     assert line.endswith(f"to train it further: vaelab-train resume_from={run_dir} epochs=<more>")
     assert snapshot(run_dir) == before
 

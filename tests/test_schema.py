@@ -30,7 +30,7 @@ BAD = [
     ("model.noise_factor=2", "model.noise_factor=2 is not allowed"),
     ("model.optimizer.lr=0", "model.optimizer.lr=0 is not allowed"),
     ("model.beta=-0.5", "model.beta=-0.5 is not allowed"),
-    ("model.objective=mse", "model.objective='mse' is not allowed: model.objective must be one of elbo, notebook"),
+    ("model.objective=mse", "model.objective='mse' is not allowed: model.objective must be one of elbo, iwae, notebook"),
     ("data.val_size=0", "data.val_size=0 is not allowed: data.val_size must be an integer between 1 and 59999"),
     ("data.val_size=60000", "data.val_size=60000 is not allowed"),
     ("data.eval_batch_size=0", "data.eval_batch_size=0 is not allowed"),
@@ -167,3 +167,20 @@ def test_the_schemas_leave_the_config_groups_open(compose):
     """A user's own model or data config may add keys: only the top-level settings are typed."""
     cfg = compose(["+model.my_setting=3", "+data.my_path=x"])
     assert cfg.model.my_setting == 3 and OmegaConf.get_type(cfg).__name__ == "Train"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["model.objective=notebook", "model.likelihood=gaussian"], "model.objective=notebook is the notebook's Bernoulli loss"),
+        (["model.objective=iwae", "model.free_bits=0.5"], "model.free_bits=0.5 applies to the ELBO objective"),
+        (["data.binarize=yes"], "data.binarize='yes' is not allowed: data.binarize must be one of none, dynamic, static"),
+        (["model.likelihood=poisson"], "model.likelihood='poisson' is not allowed"),
+        (["model.kl_warmup_epochs=-1"], "model.kl_warmup_epochs=-1 is not allowed"),
+        (["model.num_samples=0"], "model.num_samples=0 is not allowed"),
+    ],
+)
+def test_objective_and_likelihood_settings(compose, overrides, message):
+    with pytest.raises(UserError) as err:
+        check(compose(overrides), "train")
+    assert str(err.value).startswith(message)

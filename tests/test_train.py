@@ -1,5 +1,8 @@
 """vaelab-train from the shell on the real Fashion-MNIST, read back through TensorBoard's reader."""
 
+import json
+import math
+
 import pytest
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -99,3 +102,41 @@ def test_missing_data_fails_before_training_naming_three_ways(tmp_path):
     assert proc.returncode != 0
     assert "(1)" in proc.stderr and "data.download=true" in proc.stderr
     assert not (run / "checkpoints").exists()
+
+
+def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp_path):
+    """Dynamically binarized data, a KL warm-up: metrics.json and the HPARAMS tab say what the figures are."""
+    run = tmp_path / "binary"
+    train_run(run, "epochs=2", "latent_dim=8", "data.binarize=dynamic", "model.kl_warmup_epochs=2", "model.eval_iwae_samples=5")
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["likelihood"] == "bernoulli" and report["binarize"] == "dynamic"
+    assert report["figures"] == "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"
+    assert report["test/nll_iwae"] <= report["test/nelbo"] + 1.0  # K = 5: a tighter bound than the ELBO, up to noise
+    assert report["test/nelbo_bpd"] == pytest.approx(report["test/nelbo"] / (784 * math.log(2)))
+    acc = event_accumulator(run)
+    betas = [e.value for e in acc.Scalars("train/beta")]  # logged with each train/loss window: 0 -> 1 over 2 epochs
+    assert betas == sorted(betas) and 0 < betas[0] < 0.2 and betas[-1] > 0.9
+    content = acc.PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values["likelihood"] == "bernoulli" and values["binarize"] == "dynamic" and values["kl_warmup_epochs"] == 2
+
+
+def test_the_default_figures_say_they_are_not_a_density(trained_run):
+    report = json.loads((trained_run / "metrics.json").read_text())
+    assert report["figures"] == "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
+
+
+@pytest.mark.parametrize(
+    "likelihood,says",
+    [
+        ("discretized_logistic", "discretized_logistic likelihood of the 8-bit grey levels"),
+        ("gaussian", "gaussian density of the uniformly dequantised 8-bit grey levels"),
+    ],
+)
+def test_other_likelihoods_train_from_the_shell(tmp_path, likelihood, says):
+    run = tmp_path / likelihood
+    train_run(run, "epochs=1", "latent_dim=8", f"model.likelihood={likelihood}", "model.eval_iwae_samples=3")
+    report = json.loads((run / "metrics.json").read_text())
+    assert says in report["figures"] and math.isfinite(report["test/nll_iwae_bpd"]) and report["test/nelbo_bpd"] > 0
+    assert list((run / "images").glob("samples_epoch000.png"))

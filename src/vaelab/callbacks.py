@@ -33,7 +33,7 @@ FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where
 def reconstruct(pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
     """Decoded posterior means, as pixel probabilities: deterministic, so epochs compare."""
     mu, _ = pl_module.encode(x)
-    return torch.sigmoid(pl_module.decode(mu))
+    return pl_module.decode_mean(mu)
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
@@ -62,7 +62,7 @@ def interpolation_rows(
     """[pairs * (num_steps + 2), C, H, W]: per pair, the start image, num_steps images decoded along the path
     between the two posterior means (its ends are the two reconstructions), the end image."""
     z = interpolate(vae.encode(starts)[0], vae.encode(ends)[0], num_steps, method)
-    decoded = torch.sigmoid(vae.decode(z.flatten(0, 1))).unflatten(0, z.shape[:2])
+    decoded = vae.decode_mean(z.flatten(0, 1)).unflatten(0, z.shape[:2])
     return torch.cat([starts.unsqueeze(1), decoded, ends.unsqueeze(1)], dim=1).flatten(0, 1)
 
 
@@ -278,7 +278,7 @@ class LatentMap(PictureCallback):
         quantiles = torch.linspace(*self.quantile_range, self.grid_size, device=pl_module.device)
         values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
         z = torch.cartesian_prod(values.flip(0), values)[:, [1, 0]]  # row-major: top row first
-        return grid(torch.sigmoid(pl_module.decode(z)), self.grid_size)
+        return grid(pl_module.decode_mean(z), self.grid_size)
 
     def scatter(self, mu: torch.Tensor, epoch: int) -> torch.Tensor:
         from matplotlib.backends.backend_agg import FigureCanvasAgg

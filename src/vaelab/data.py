@@ -1,4 +1,9 @@
-"""Fashion-MNIST / MNIST as in-memory tensors, batched by slicing (no per-sample Python)."""
+"""Fashion-MNIST / MNIST as in-memory tensors, batched by slicing (no per-sample Python).
+
+data.binarize: `none` keeps the 256 grey levels in [0, 1]; `dynamic` makes each training image a fresh Bernoulli
+sample of its grey levels every epoch, while the validation and test images are binarized once with a fixed
+seed (stable figures across epochs and runs); `static` binarizes every split once.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ IDX_FILES = {
     ("test", "images"): ("t10k-images-idx3-ubyte", 2051, (10000, 28, 28)),
     ("test", "labels"): ("t10k-labels-idx1-ubyte", 2049, (10000,)),
 }
+BINARIZE = ("none", "dynamic", "static")  # none: grey levels; dynamic: training images re-drawn each epoch
 CACHE_SETTING = "data.data_dir=<dir> (or the environment variable VAELAB_DATA_DIR)"
 
 
@@ -139,7 +145,9 @@ class TensorBatches:
     """Batches sliced from tensors already on their device: one gather per batch, nothing per sample.
 
     Shuffling draws a permutation from (seed, epoch), so it is repeatable and resumes identically.
-    Under DDP each rank takes every world_size-th index of the same permutation.
+    Under DDP each rank takes every world_size-th index of the same permutation. binarize=True draws each
+    batch's pixels as Bernoulli samples of their grey levels (dynamic binarization), from a generator seeded
+    by (seed, epoch, rank): a fresh binary image every epoch, the same ones on a resume.
     """
 
     def __init__(
@@ -152,10 +160,11 @@ class TensorBatches:
         epoch_fn: Callable[[], int] = lambda: 0,
         rank: int = 0,
         world_size: int = 1,
+        binarize: bool = False,
     ):
         self.images, self.labels = images, labels
         self.batch_size, self.shuffle, self.seed, self.epoch_fn = batch_size, shuffle, seed, epoch_fn
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.binarize = rank, world_size, binarize
 
     def _indices(self) -> torch.Tensor:
         n = len(self.images)
@@ -171,15 +180,91 @@ class TensorBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         indices = self._indices()
-        if not self.shuffle and self.world_size == 1:  # contiguous slices need no gather
+        if not self.shuffle and self.world_size == 1 and not self.binarize:  # contiguous slices need no gather
             for start in range(0, len(indices), self.batch_size):
                 yield self.images[start : start + self.batch_size], self.labels[start : start + self.batch_size]
             return
+        generator = None
+        if self.binarize:
+            seed = epoch_seed(self.seed, self.epoch_fn()) * 1_000 + 500 + self.rank  # apart from the noise's seeds
+            generator = torch.Generator(device=self.images.device).manual_seed(seed)
         for batch in indices.split(self.batch_size):
-            yield self.images[batch], self.labels[batch]
+            images = self.images[batch]
+            yield (torch.bernoulli(images, generator=generator) if generator else images), self.labels[batch]
 
 
-class MNISTLike(pl.LightningDataModule):
+class TensorData(pl.LightningDataModule):
+    """A data module whose three splits are held as tensors (images in [0, 1], [N, C, H, W]; int64 labels) on the
+    device training runs on, batched by TensorBatches. Subclasses implement `load` (and may download in
+    `prepare_data`); binarization, devices, batches and DDP shares are here."""
+
+    classes: list[str] | None = None  # class names by label, when the data has them
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        seed: int = 0,
+        binarize: str = "none",
+        image_shape: tuple[int, int, int] = (1, 28, 28),
+        split_seed: int = 0,
+    ):
+        super().__init__()
+        if binarize not in BINARIZE:
+            raise ValueError(f"data.binarize={binarize!r} is not one of {BINARIZE}")
+        self.batch_size, self.eval_batch_size, self.seed, self.binarize = batch_size, eval_batch_size, seed, binarize
+        self.split_seed = split_seed  # fixes the split and the binarization of the evaluation images
+        self.image_shape = tuple(image_shape)
+        self.train_set = self.val_set = self.test_set = None
+
+    def load(self) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+        """(train, val, test), each (images float [0, 1], labels int64), on the CPU."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        device = self._device()
+        splits = [(x.to(device), y.to(device)) for x, y in self.load()]
+        self.train_set, self.val_set, self.test_set = splits
+        if self.binarize != "none":  # fixed binary images: the same figures every epoch, every run, and both modes
+            for offset, split in enumerate(("train", "val", "test")):
+                if split != "train" or self.binarize == "static":
+                    x, y = getattr(self, f"{split}_set")
+                    generator = torch.Generator(device=x.device).manual_seed(self.split_seed * 1_000 + 7 + offset)
+                    setattr(self, f"{split}_set", (torch.bernoulli(x, generator=generator), y))
+
+    def _device(self) -> torch.device:
+        # Hold the data where training runs (the GPU when there is one): batches then need no copy.
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def _batches(self, tensors, shuffle: bool, batch_size: int, binarize: bool = False) -> TensorBatches:
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
+        return TensorBatches(
+            *tensors,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            epoch_fn=epoch_fn,
+            rank=rank,
+            world_size=world,
+            binarize=binarize,
+        )
+
+    def train_dataloader(self) -> TensorBatches:
+        return self._batches(self.train_set, shuffle=True, batch_size=self.batch_size, binarize=self.binarize == "dynamic")
+
+    def val_dataloader(self) -> TensorBatches:
+        return self._batches(self.val_set, shuffle=False, batch_size=self.eval_batch_size)
+
+    def test_dataloader(self) -> TensorBatches:
+        return self._batches(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+
+
+class MNISTLike(TensorData):
     """Fashion-MNIST or MNIST: 28x28 grey images in [0, 1], train split into train/val with a fixed generator."""
 
     def __init__(
@@ -194,48 +279,18 @@ class MNISTLike(pl.LightningDataModule):
         split_seed: int = 0,
         seed: int = 0,
         image_shape: tuple[int, int, int] = (1, 28, 28),
+        binarize: str = "none",
     ):
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, seed, binarize, image_shape, split_seed)
         self.dataset, self.data_dir, self.system_dir, self.download = dataset, data_dir, system_dir, download
-        self.batch_size, self.val_size, self.split_seed, self.seed = batch_size, val_size, split_seed, seed
-        self.eval_batch_size = eval_batch_size
-        self.image_shape = tuple(image_shape)
-        self.train_set = self.val_set = self.test_set = None
+        self.val_size = val_size
 
     def prepare_data(self) -> None:
         locate(self.data_dir, self.dataset, self.system_dir, self.download)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
+    def load(self):
         raw_dir = locate(self.data_dir, self.dataset, self.system_dir, download=False)
         images, labels = load_split(raw_dir, "train")
         order = seeded_order(len(images), self.split_seed)
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        device = self._device()
-        self.train_set = (images[train_idx].to(device), labels[train_idx].to(device))
-        self.val_set = (images[val_idx].to(device), labels[val_idx].to(device))
-        test_images, test_labels = load_split(raw_dir, "test")
-        self.test_set = (test_images.to(device), test_labels.to(device))
-
-    def _device(self) -> torch.device:
-        # Hold the data where training runs (the GPU when there is one): batches then need no copy.
-        trainer = self.trainer
-        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-
-    def _batches(self, tensors, shuffle: bool, batch_size: int) -> TensorBatches:
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        epoch_fn = (lambda: trainer.current_epoch) if trainer is not None else (lambda: 0)
-        return TensorBatches(
-            *tensors, batch_size=batch_size, shuffle=shuffle, seed=self.seed, epoch_fn=epoch_fn, rank=rank, world_size=world
-        )
-
-    def train_dataloader(self) -> TensorBatches:
-        return self._batches(self.train_set, shuffle=True, batch_size=self.batch_size)
-
-    def val_dataloader(self) -> TensorBatches:
-        return self._batches(self.val_set, shuffle=False, batch_size=self.eval_batch_size)
-
-    def test_dataloader(self) -> TensorBatches:
-        return self._batches(self.test_set, shuffle=False, batch_size=self.eval_batch_size)
+        return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]), load_split(raw_dir, "test")

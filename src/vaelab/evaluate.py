@@ -16,38 +16,22 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from vaelab import rundir, schema
 from vaelab.checkpoints import load_vae
 from vaelab.errors import UserError, build, recorded
 from vaelab.files import atomic_write
 from vaelab.hardware import resolve_device
-from vaelab.module import VAE, add_noise, bernoulli_nll, gaussian_kl
+from vaelab.likelihoods import describe
+from vaelab.module import VAE, add_noise, bounds
 from vaelab.sweep import job_reporting
 
 log = logging.getLogger(__name__)
-LOG_2PI = math.log(2 * math.pi)
-
-
-@torch.no_grad()
-def importance_weights(
-    vae: VAE, x: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, num_samples: int, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z_k) and log p(z_k) - log q(z_k|x) for z_k ~ N(mu, exp(logvar)), each shaped [num_samples, batch]."""
-    eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-    z = mu + (0.5 * logvar).exp() * eps
-    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (z - mu)^2 / var = eps^2
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
-    logits = vae.decode(z.flatten(0, 1))
-    targets = x.expand(num_samples, *x.shape).flatten(0, 1)
-    log_px_z = -bernoulli_nll(logits, targets).view(num_samples, -1)
-    return log_px_z, log_prior - log_q
 
 
 @torch.no_grad()
@@ -58,23 +42,15 @@ def likelihood(
 
     The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
     the KL term is exact. Images go through in chunks so that at most `pairs_per_pass` (image, sample)
-    pairs are decoded at once; with K above that, the samples of one image are split too.
+    pairs are decoded at once; with K above that, the samples of one image are split too. A density
+    likelihood sees the images dequantised with `generator`'s noise (vaelab.module.VAE.target).
     """
-    per_chunk = max(1, pairs_per_pass // num_samples)
-    samples_per_pass = min(num_samples, pairs_per_pass)
     out: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "nll_iwae": [], "mu": []}
-    for x in images.split(per_chunk):
-        mu, logvar = vae.encode(x)
-        log_px_z, log_ratio = [], []
-        for start in range(0, num_samples, samples_per_pass):
-            a, b = importance_weights(vae, x, mu, logvar, min(samples_per_pass, num_samples - start), generator)
-            log_px_z.append(a)
-            log_ratio.append(b)
-        log_px_z, log_ratio = torch.cat(log_px_z), torch.cat(log_ratio)
-        log_w = (log_px_z + log_ratio).double()
-        out["nll_iwae"].append(math.log(num_samples) - torch.logsumexp(log_w, dim=0))
-        out["recon"].append(-log_px_z.double().mean(0))
-        out["kl"].append(gaussian_kl(mu, logvar).double())
+    for x in images.split(max(1, pairs_per_pass // num_samples)):
+        target = vae.target(x, generator)
+        mu, logvar = vae.encode(target)
+        for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator).items():
+            out[key].append(value)
         out["mu"].append(mu)
     result = {key: torch.cat(values) for key, values in out.items()}
     result["neg_elbo"] = result["recon"] + result["kl"]
@@ -92,17 +68,18 @@ def noisy_input_errors(
 ) -> list[dict[str, float]]:
     """For each noise std: decode the posterior mean of the noisy input, compare with the clean image.
 
-    recon_nats: Bernoulli negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
-    decoded means sigmoid(logits). Every level sees the same images; the noise comes from `generator`.
+    recon_nats: the model's negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
+    decoded means. Every level sees the same images; the noise comes from `generator`.
     """
     rows = []
     for level in noise_levels:
         nats, squared, count = 0.0, 0.0, 0
         for x in images.split(batch_size):
-            noisy = add_noise(x, float(level), generator)
-            logits = vae.decode(vae.encode(noisy)[0])
-            nats += bernoulli_nll(logits, x).double().sum().item()
-            squared += (torch.sigmoid(logits) - x).double().pow(2).sum().item()
+            target = vae.target(x, generator)
+            noisy = add_noise(target, float(level), generator)
+            out = vae.decode(vae.encode(noisy)[0])
+            nats += vae.likelihood.nll(out, target).double().sum().item()
+            squared += (vae.likelihood.mean(out) - x).double().pow(2).sum().item()
             count += x.shape[0]
         rows.append({"noise_level": float(level), "recon_nats": nats / count, "mse": squared / (count * x[0].numel())})
     return rows
@@ -139,12 +116,16 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator)
     noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator)
     hp = vae.hparams
+    binarize = str(cfg.data.get("binarize") or "none")
     notes = [
-        "nats per image; pixels are grey levels in [0, 1] (continuous, not binarized) under a Bernoulli likelihood",
+        describe(hp.likelihood, binarize),
         "beta = 1 here (the true ELBO), whatever beta the model was trained with",
         "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
         "compared with the clean image",
     ]
+    trained_on = str(hp.get("binarize", "none"))
+    if binarize != trained_on:
+        notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
     if hp.objective == "notebook":
         notes.append(
             "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
@@ -163,12 +144,16 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
             "noise_factor": float(hp.noise_factor),
             "beta": float(hp.beta),
         },
+        "likelihood": str(hp.likelihood),
+        "binarize": binarize,
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
         "neg_elbo": per_image["neg_elbo"].mean().item(),
         "recon": per_image["recon"].mean().item(),
         "kl": per_image["kl"].mean().item(),
         "nll_iwae": per_image["nll_iwae"].mean().item(),
+        "neg_elbo_bpd": vae.bits_per_dim(per_image["neg_elbo"].mean().item()),
+        "nll_iwae_bpd": vae.bits_per_dim(per_image["nll_iwae"].mean().item()),
         "active_units": active_units(per_image["mu"], float(cfg.active_unit_threshold)),
         "active_unit_threshold": float(cfg.active_unit_threshold),
         "noisy_inputs": noisy,
@@ -185,6 +170,8 @@ def summary(result: dict) -> str:
         f"{result['dataset']} test set, {result['num_images']} images, nats/image:",
         f"  negative ELBO  {result['neg_elbo']:9.2f}  (recon {result['recon']:.2f} + KL {result['kl']:.2f})",
         f"  -log p(x) IWAE {result['nll_iwae']:9.2f}  (K = {result['num_importance_samples']})",
+        f"  bits/dim       {result['neg_elbo_bpd']:9.4f}  (-ELBO), {result['nll_iwae_bpd']:.4f} (IWAE)",
+        f"  {result['notes'][0]}",
         f"  active units   {result['active_units']:6d} of {m['latent_dim']}  (Var_x E[z|x] > {result['active_unit_threshold']})",
         "  noise std   recon nats   MSE/pixel",
     ]
@@ -195,7 +182,12 @@ def summary(result: dict) -> str:
 
 
 def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
-    """The test images of cfg.data, refused in one line when the checkpoint's model takes another shape."""
+    """The test images of cfg.data, prepared as the checkpoint's model was trained (data.binarize=null, the
+    default) unless asked otherwise; refused in one line when the model takes another shape."""
+    if cfg.data.get("binarize", "none") is None:
+        with open_dict(cfg):
+            cfg.data.binarize = str(vae.hparams.get("binarize", "none"))
+        log.info("data.binarize=%s, as the checkpoint's model was trained", cfg.data.binarize)
     datamodule = build(cfg.data, "data")
     datamodule.setup("test")
     images = datamodule.test_set[0]

@@ -1,6 +1,6 @@
 """`vaelab-generate`: picture grids from a trained VAE, written into the run directory.
 
-samples.png: images decoded from z ~ N(0, temperature^2 I) (the decoder's Bernoulli means, sigmoid(logits)).
+samples.png: images decoded from z ~ N(0, temperature^2 I) (the means of p(x|z), e.g. sigmoid(logits) for the Bernoulli).
 interpolation.png (interpolate=true): each row starts and ends with a random test image; between them, the
 decoded points of the straight line between the two images' posterior means.
 """

@@ -1,13 +1,21 @@
-"""The VAE as a LightningModule, and its losses.
+"""The VAE as a LightningModule, and its losses and bounds.
 
 Default objective: the negative ELBO in nats per image,
     -ELBO(x) = -E_q[log p(x|z)] + beta * KL(q(z|x) || N(0, I)),
-with p(x|z) a Bernoulli per pixel (from logits) summed over pixels, and the KL in closed form.
+with p(x|z) the observation likelihood (vaelab.likelihoods; default a Bernoulli per pixel from logits) summed
+over pixels, and the KL in closed form. Training objectives, each composable with beta:
+- kl_warmup_epochs=N: the KL weight rises linearly from 0 to beta over N epochs (per step);
+- free_bits=L: the KL term is sum_d max(L, mean over the batch of KL_d) (Kingma et al. 2016);
+- objective=iwae, num_samples=K: the importance-weighted bound of Burda et al. (2015),
+      -log (1/K) sum_k w_k,   log w_k = log p(x|z_k) + beta * (log p(z_k) - log q(z_k|x)),   z_k ~ q(z|x).
+Validation and test always report the true bounds (beta as set, no warm-up, no free bits): val/loss (what
+the best checkpoint is chosen by), val/nelbo = recon + KL, and test/nll_iwae, the IWAE estimate of -log p(x).
 The `notebook` objective reproduces the Keras teaching notebook exactly (see `notebook_loss`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -17,8 +25,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
-OBJECTIVES = ("elbo", "notebook")
-EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon")
+from vaelab.likelihoods import bits_per_dim, build, dequantize
+
+OBJECTIVES = ("elbo", "notebook", "iwae")
+EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon", "nelbo", "nll_iwae")
+LOG_2PI = math.log(2 * math.pi)
+EVAL_SEED = 0  # the dequantisation noise and the importance samples of validation and test: the same every epoch
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -32,10 +44,16 @@ def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def elbo_loss(logits, target, mu, logvar, beta: float = 1.0) -> dict[str, torch.Tensor]:
-    """Batch means of the negative ELBO and its two parts, nats per image."""
+    """Batch means of the negative ELBO and its two parts, nats per image (Bernoulli likelihood)."""
     recon = bernoulli_nll(logits, target).mean()
     kl = gaussian_kl(mu, logvar).mean()
     return {"loss": recon + beta * kl, "recon": recon, "kl": kl}
+
+
+def free_bits_kl(mu: torch.Tensor, logvar: torch.Tensor, floor: float) -> torch.Tensor:
+    """The free-bits KL term: sum over latent dimensions of max(floor, the batch mean of that dimension's KL)."""
+    per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    return per_dim.mean(dim=0).clamp(min=floor).sum()
 
 
 def notebook_loss(logits, target, mu, log_sigma) -> dict[str, torch.Tensor]:
@@ -44,6 +62,58 @@ def notebook_loss(logits, target, mu, log_sigma) -> dict[str, torch.Tensor]:
     recon = F.binary_cross_entropy_with_logits(logits, target)
     kl = -0.5 * (1.0 + log_sigma - mu.pow(2) - log_sigma.exp()).mean()
     return {"loss": recon + kl, "recon": recon, "kl": kl}
+
+
+def log_weights(
+    vae: VAE,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int,
+    generator: torch.Generator | None = None,
+    prior_weight: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p(x|z_k) and prior_weight * (log p(z_k) - log q(z_k|x)) for z_k ~ N(mu, exp(logvar)), each [K, B].
+    Reparameterised: gradients flow through z_k (the IWAE objective trains on it)."""
+    eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + (0.5 * logvar).exp() * eps
+    log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (z - mu)^2 / var = eps^2
+    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    out = vae.decode(z.flatten(0, 1)).float()
+    targets = target.expand(num_samples, *target.shape).flatten(0, 1)
+    log_px_z = -vae.likelihood.nll(out, targets).view(num_samples, -1)
+    return log_px_z, prior_weight * (log_prior - log_q)
+
+
+def iwae_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """Per image -log (1/K) sum_k w_k from log w of shape [K, B], in float64 (K up to thousands)."""
+    return math.log(log_w.shape[0]) - torch.logsumexp(log_w.double(), dim=0)
+
+
+def bounds(
+    vae: VAE,
+    target: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    num_samples: int,
+    pairs_per_pass: int = 20000,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Per image (float64): recon (averaged over the K samples), the exact KL, and nll_iwae, the IWAE estimate of
+    -log p(x) from K samples, decoded at most `pairs_per_pass` (image, sample) pairs at a time."""
+    per_pass = min(num_samples, max(1, pairs_per_pass // max(1, target.shape[0])))
+    log_px_z, log_ratio = zip(
+        *(
+            log_weights(vae, target, mu, logvar, min(per_pass, num_samples - start), generator)
+            for start in range(0, num_samples, per_pass)
+        )
+    )
+    log_px_z, log_ratio = torch.cat(log_px_z), torch.cat(log_ratio)
+    return {
+        "recon": -log_px_z.double().mean(0),
+        "kl": gaussian_kl(mu, logvar).double(),
+        "nll_iwae": iwae_bound(log_px_z + log_ratio),
+    }
 
 
 def _plain(node):
@@ -58,7 +128,8 @@ def add_noise(x: torch.Tensor, noise_factor: float, generator: torch.Generator |
 
 
 class VAE(pl.LightningModule):
-    """encode(x) -> (mu, logvar); decode(z) -> logits; sample(n) -> images; loss dicts logged generically."""
+    """encode(x) -> (mu, logvar); decode(z) -> the likelihood's parameters; decode_mean(z) -> images;
+    sample(n) -> images; loss dicts logged generically."""
 
     def __init__(
         self,
@@ -72,17 +143,31 @@ class VAE(pl.LightningModule):
         epsilon_std: float = 1.0,
         noise_factor: float = 0.0,
         denoise: bool = False,
+        likelihood: str = "bernoulli",
+        likelihood_kwargs: Mapping | None = None,
+        binarize: str = "none",
+        kl_warmup_epochs: int = 0,
+        free_bits: float = 0.0,
+        num_samples: int = 1,
+        eval_iwae_samples: int = 10,
+        val_iwae_every_n_epochs: int = 0,
     ):
         super().__init__()
         if objective not in OBJECTIVES:
             raise ValueError(f"model.objective={objective!r} is not one of {OBJECTIVES}")
         encoder, decoder, optimizer = _plain(encoder), _plain(decoder), _plain(optimizer)
+        likelihood_kwargs = _plain(likelihood_kwargs)
         # logger=False: the HPARAMS tab gets a flat, stable set of values from the entry point instead.
         self.save_hyperparameters(logger=False)
+        self.image_shape = tuple(decoder.get("image_shape") or (1, 28, 28))
+        self.likelihood = build(likelihood, self.image_shape[0], **(likelihood_kwargs or {}))
         self.encoder = instantiate(encoder)
-        self.decoder = instantiate(decoder)
+        # A likelihood with more than one parameter per pixel (a mean and a scale) needs more decoder channels.
+        extra = {"out_channels": self.likelihood.out_channels} if self.likelihood.out_channels != self.image_shape[0] else {}
+        self.decoder = instantiate(decoder, **extra)
         self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
         self._train_loss_count = 0
+        self._eval_generator: torch.Generator | None = None
         # Per-image means of validation and test figures (weighted by batch size; torchmetrics syncs them under DDP).
         # nan_strategy="disable": a NaN must reach the mean (the guard stops on it; torchmetrics' default drops it),
         # and no per-batch check means no host sync per batch.
@@ -95,8 +180,12 @@ class VAE(pl.LightningModule):
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Bernoulli logits, shaped like the images."""
+        """The likelihood's parameters (for the Bernoulli: logits), shaped like the images."""
         return self.decoder(z)
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean image of p(x|z), in [0, 1]: what the pictures show."""
+        return self.likelihood.mean(self.decode(z))
 
     def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
         eps = torch.randn_like(mu) * self.hparams.epsilon_std
@@ -111,34 +200,84 @@ class VAE(pl.LightningModule):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
         z = torch.randn(n, self.hparams.latent_dim, generator=generator, device=self.device) * temperature
-        return torch.sigmoid(self.decode(z))
+        return self.decode_mean(z)
+
+    def target(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """What the likelihood models: the 8-bit levels themselves, or for a density on [0, 1] the same images
+        uniformly dequantised (fresh noise in training, the fixed evaluation noise in validation and test)."""
+        return dequantize(x, generator) if self.likelihood.dequantized else x
+
+    def kl_weight(self) -> float:
+        """beta, reached linearly over the first kl_warmup_epochs epochs (per step) of training."""
+        epochs = self.hparams.kl_warmup_epochs
+        if not epochs or not self.training:
+            return self.hparams.beta
+        done = self.trainer.current_epoch + self.trainer.fit_loop.epoch_loop.batch_idx / max(1, self.trainer.num_training_batches)
+        return self.hparams.beta * min(1.0, done / epochs)
 
     def loss(self, x_in: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Batch means of the true -ELBO (beta as set) and its two parts, nats per image."""
+        return self._loss(x_in, target)[0]
+
+    def _loss(self, x_in: torch.Tensor, target: torch.Tensor):
         # The loss in fp32 even under bf16 autocast: sums over 784 pixels and the latent are too coarse in bf16.
-        logits, mu, logvar = (t.float() for t in self(x_in))
+        out, mu, logvar = (t.float() for t in self(x_in))
         if self.hparams.objective == "notebook":
-            return notebook_loss(logits, target, mu, logvar)
-        return elbo_loss(logits, target, mu, logvar, self.hparams.beta)
+            return notebook_loss(out, target, mu, logvar), mu, logvar
+        recon = self.likelihood.nll(out, target).mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        return {"loss": recon + self.hparams.beta * kl, "recon": recon, "kl": kl}, mu, logvar
 
     # --- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x, _ = batch
-        x_in = add_noise(x, self.hparams.noise_factor) if self.hparams.denoise else x
-        loss = self.loss(x_in, x)["loss"]
+        target = self.target(x)
+        x_in = add_noise(target, self.hparams.noise_factor) if self.hparams.denoise else target
+        loss = self.train_loss(x_in, target)
         # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
         detached = loss.detach().float()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
+            if self.hparams.kl_warmup_epochs:
+                self.log("train/beta", self.kl_weight())
             self._train_loss_sum, self._train_loss_count = None, 0
         return loss
 
+    def train_loss(self, x_in: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The training objective: the -ELBO with the warmed-up KL weight and free bits, or the IWAE bound."""
+        hp, weight = self.hparams, self.kl_weight()
+        if hp.objective == "iwae":
+            mu, logvar = (t.float() for t in self.encode(x_in))
+            return (
+                iwae_bound(torch.add(*log_weights(self, target, mu, logvar, hp.num_samples, prior_weight=weight))).mean().float()
+            )
+        parts, mu, logvar = self._loss(x_in, target)
+        if hp.objective == "notebook" or (weight == hp.beta and not hp.free_bits):
+            return parts["loss"]
+        kl = free_bits_kl(mu, logvar, hp.free_bits) if hp.free_bits else parts["kl"]
+        return parts["recon"] + weight * kl
+
+    # --- validation and test -----------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
+
+    on_test_epoch_start = on_validation_epoch_start
+
     def _eval_step(self, x: torch.Tensor, stage: str) -> None:
-        parts = self.loss(x, x)
-        if self.hparams.noise_factor > 0:
+        hp, generator = self.hparams, self._eval_generator
+        target = self.target(x, generator)
+        parts, mu, logvar = self._loss(target, target)
+        if hp.noise_factor > 0:
             # Reconstruction error of noisy inputs against the clean images: the notebook's noise weakness, tracked.
-            parts["noisy_recon"] = self.loss(add_noise(x, self.hparams.noise_factor), x)["recon"]
+            parts["noisy_recon"] = self.loss(add_noise(target, hp.noise_factor), target)["recon"]
+        if hp.objective != "notebook":
+            parts["nelbo"] = parts["recon"] + parts["kl"]
+            every = hp.val_iwae_every_n_epochs
+            if stage == "test" or (every and not self.trainer.sanity_checking and (self.current_epoch + 1) % every == 0):
+                # Its own generator: the other figures' draws, and so the existing figures, stay as they were.
+                parts["nll_iwae"] = bounds(self, target, mu, logvar, hp.eval_iwae_samples, generator=generator)["nll_iwae"].mean()
         for key, value in parts.items():
             mean = self.eval_means[f"{stage}_{key}"]
             mean.update(value.detach().float(), weight=x.shape[0])
@@ -149,6 +288,9 @@ class VAE(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch[0], "test")
+
+    def bits_per_dim(self, nats: float) -> float:
+        return float(bits_per_dim(nats, math.prod(self.image_shape), self.hparams.likelihood))
 
     def configure_optimizers(self):
         return instantiate(self.hparams.optimizer)(params=self.parameters())  # a partial: the config holds its settings

@@ -1,4 +1,5 @@
-"""Encoders map images to (mean, log-variance) of q(z|x); decoders map z to Bernoulli logits per pixel."""
+"""Encoders map images to (mean, log-variance) of q(z|x); decoders map z to the parameters of p(x|z) per pixel
+(Bernoulli logits by default; see vaelab.likelihoods)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,14 @@ class DenseEncoder(nn.Module):
 
 
 class DenseDecoder(nn.Module):
-    """The notebook's decoder (linear from z to 784 logits); `hidden` adds ReLU layers in between."""
+    """The notebook's decoder (linear from z to 784 logits); `hidden` adds ReLU layers in between.
+    out_channels: channels of the output (default the image's; a likelihood with a mean and a scale per pixel
+    asks for twice as many)."""
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = ()):
+    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = (), out_channels: int | None = None):
         super().__init__()
-        self.image_shape = tuple(image_shape)
+        c, h, w = image_shape
+        self.image_shape = (out_channels or c, h, w)
         sizes = [latent_dim, *hidden]
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
@@ -66,11 +70,15 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of ConvEncoder: linear to a 7x7 map, then two stride-2 transposed convolutions."""
+    """Mirror of ConvEncoder: linear to a 7x7 map, then two stride-2 transposed convolutions (out_channels:
+    as DenseDecoder's)."""
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), channels: tuple[int, int] = (32, 64)):
+    def __init__(
+        self, latent_dim: int, image_shape=(1, 28, 28), channels: tuple[int, int] = (32, 64), out_channels: int | None = None
+    ):
         super().__init__()
         c, h, w = image_shape
+        c = out_channels or c
         c1, c2 = channels
         self.start = (c2, h // 4, w // 4)
         self.body = nn.Sequential(

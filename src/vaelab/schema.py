@@ -151,6 +151,12 @@ LIMIT = Rule(
     "null",
 )
 
+INSPECT_BINARIZE = Rule(
+    lambda v: v in (None, "none", "dynamic", "static"),
+    "null (as the checkpoint's model was trained), none, dynamic or static",
+    "null",
+)
+
 # Where each value finally lives -> (the headline key of conf/train.yaml the groups read it through, or None; rule)
 DATA_RULES: dict[str, tuple[str | None, Rule]] = {
     "data.batch_size": ("batch_size", like(POSITIVE_INT, "128")),
@@ -159,6 +165,7 @@ DATA_RULES: dict[str, tuple[str | None, Rule]] = {
     "data.split_seed": (None, INTEGER),
     "data.seed": ("seed", like(INTEGER, "42")),
     "data.download": (None, BOOL),
+    "data.binarize": (None, one_of("none", "dynamic", "static")),
     "data.image_shape": (
         None,
         Rule(
@@ -176,7 +183,13 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "model.optimizer.lr": ("lr", at_least(0, "1e-3", strict=True)),
         "model.beta": ("beta", at_least(0, "1.0")),
         "model.epsilon_std": (None, at_least(0, "1.0", strict=True)),
-        "model.objective": (None, one_of("elbo", "notebook")),
+        "model.objective": (None, one_of("elbo", "iwae", "notebook")),
+        "model.likelihood": (None, one_of("bernoulli", "continuous_bernoulli", "discretized_logistic", "gaussian")),
+        "model.kl_warmup_epochs": (None, Rule(lambda v: _int(v) and v >= 0, "an integer >= 0 (0: no warm-up)", "100")),
+        "model.free_bits": (None, at_least(0, "0.5")),
+        "model.num_samples": (None, like(POSITIVE_INT, "5")),
+        "model.eval_iwae_samples": (None, like(POSITIVE_INT, "10")),
+        "model.val_iwae_every_n_epochs": (None, Rule(lambda v: _int(v) and v >= 0, "an integer >= 0 (0: never)", "50")),
         "model.denoise": ("denoise", BOOL),
         "seed": (None, like(INTEGER, "42")),
         "threads": (None, OPTIONAL_POSITIVE_INT),
@@ -209,6 +222,7 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "active_unit_threshold": (None, at_least(0, "0.01")),
         "seed": (None, INTEGER),
         **DATA_RULES,
+        "data.binarize": (None, INSPECT_BINARIZE),
     },
     "generate": {
         "ckpt_path": (None, like(STRING, "outputs/<date>/<time>/checkpoints/last.ckpt")),
@@ -225,6 +239,7 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "batch_size": (None, like(POSITIVE_INT, "256")),
         "seed": (None, INTEGER),
         **DATA_RULES,
+        "data.binarize": (None, INSPECT_BINARIZE),
     },
 }
 
@@ -285,8 +300,25 @@ def _checks(cfg: DictConfig, command: str):
                 yield f"callbacks.{name}.{key}", None, rule
 
 
+def check_combinations(cfg: DictConfig) -> None:
+    """Settings that are each allowed but not together (vaelab-train)."""
+    model = cfg.get("model") or {}
+    objective, likelihood = model.get("objective"), model.get("likelihood", "bernoulli")
+    if objective == "notebook" and likelihood != "bernoulli":
+        raise UserError(
+            f"model.objective=notebook is the notebook's Bernoulli loss; model.likelihood={likelihood} needs "
+            f"model.objective=elbo (or iwae)"
+        )
+    if objective == "iwae" and model.get("free_bits"):
+        raise UserError(
+            f"model.free_bits={show(model.free_bits)} applies to the ELBO objective; with model.objective=iwae "
+            f"set model.free_bits=0"
+        )
+
+
 def check(cfg: DictConfig, command: str) -> None:
-    """Raise UserError for the first setting outside what it allows (in the order of RULES)."""
+    """Raise UserError for the first setting outside what it allows (in the order of RULES), or a combination
+    that does not go together."""
     for path, headline, rule in _checks(cfg, command):
         parent_path, _, leaf = path.rpartition(".")
         parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
@@ -302,9 +334,11 @@ def check(cfg: DictConfig, command: str) -> None:
                 f"{key} cannot be read ({str(err).strip().splitlines()[0]}); it must be {rule.allowed}, e.g. {key}={rule.example}"
             ) from None
         if isinstance(value, ListConfig):
-            value = OmegaConf.to_container(value)
+            value = OmegaConf.to_container(value, resolve=True)
         if not rule.check(value):
             raise refuse(key, value, rule)
+    if command == "train":
+        check_combinations(cfg)
 
 
 def type_message(full_key: str, err: OmegaConfBaseException) -> str:

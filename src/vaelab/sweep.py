@@ -33,7 +33,20 @@ log = logging.getLogger(__name__)
 STATUS_FILE = "job_status.json"
 STATUSES = ("ok", "failed", "interrupted", "running")  # running: still going, or its process died unreported
 METRIC_COLUMNS = ("val/loss", "val/recon", "val/kl", "test/loss")
-COLUMNS = ("rank", "job", "status", "val/nelbo", *METRIC_COLUMNS, "epochs", "wall_time_s", "overrides", "error", "dir")
+COLUMNS = (
+    "rank",
+    "job",
+    "status",
+    "val/nelbo",
+    *METRIC_COLUMNS,
+    "likelihood",
+    "binarize",
+    "epochs",
+    "wall_time_s",
+    "overrides",
+    "error",
+    "dir",
+)
 MD_COLUMNS = COLUMNS[:-1]  # the table leaves out dir: the job number starts the directory's name
 
 
@@ -120,7 +133,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "job": status.get("job"),
                 "status": status.get("status", "unknown"),
                 "val/nelbo": nelbo,
-                **{key: metrics.get(key) for key in METRIC_COLUMNS},
+                **{key: metrics.get(key) for key in (*METRIC_COLUMNS, "likelihood", "binarize")},
                 "epochs": status.get("epochs") if status.get("status") == "ok" else None,
                 "wall_time_s": status.get("wall_time_s"),
                 "overrides": " ".join(status.get("overrides", [])),
@@ -165,7 +178,8 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         f"{len(rows)} jobs: {counts['ok']} ok, {counts['failed']} failed"
         + "".join(f", {counts[s]} {s}" for s in STATUSES[2:] if counts[s])
         + ". Best first, by val/nelbo = val/recon + val/kl (the negative ELBO, nats per image; "
-        "val/loss when beta = 1). Wall time in seconds.",
+        "val/loss when beta = 1), under each job's likelihood and binarization (Bernoulli with binarize=none: "
+        "on grey levels, not a density). Wall time in seconds.",
         "",
         "| " + " | ".join(MD_COLUMNS) + " |",
         "|" + "---|" * len(MD_COLUMNS),

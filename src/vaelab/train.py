@@ -19,10 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 from vaelab import rundir, schema
 from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, recorded
 from vaelab.files import atomic_write
+from vaelab.likelihoods import describe
 from vaelab.rundir import ResumePoint
 from vaelab.sweep import job_reporting, objective, parallel_threads
 
 log = logging.getLogger(__name__)
+BPD_KEYS = ("val/nelbo", "test/nelbo", "val/nll_iwae", "test/nll_iwae")  # also reported in bits per dimension
 TRAINING_STATE = {"state_dict", "optimizer_states", "loops", "epoch", "global_step"}
 
 
@@ -41,6 +43,11 @@ def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         "beta": float(cfg.model.beta),
         "seed": int(cfg.seed),
         "data": str(cfg.data.dataset),
+        "likelihood": str(cfg.model.get("likelihood", "bernoulli")),
+        "binarize": str(cfg.data.get("binarize", "none")),
+        "kl_warmup_epochs": int(cfg.model.get("kl_warmup_epochs", 0)),
+        "free_bits": float(cfg.model.get("free_bits", 0.0)),
+        "num_samples": int(cfg.model.get("num_samples", 1)),
     }
 
 
@@ -133,9 +140,10 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     if newest is None:  # killed before its first checkpoint: it starts again, in place
         return Start(cfg, run_dir, point=ResumePoint(path=None), overrides=overrides, resumed=True)
     checkpoint, point = read_training_checkpoint(newest, f"resume_from={run_dir}", cfg)
-    if fit_is_done(cfg, point) and (run_dir / "metrics.json").exists():
+    extends = any(o.split("=", 1)[0].lstrip("+~") in ("epochs", "trainer.max_epochs", "trainer.max_steps") for o in overrides)
+    if (run_dir / "metrics.json").exists() and (fit_is_done(cfg, point) or not extends):  # e.g. stopped early
         raise UserError(
-            f"{run_dir} has nothing left to do: it trained all {point.epoch + 1} epochs and has its "
+            f"{run_dir} has nothing left to do: it trained {point.epoch + 1} epochs and has its "
             f"metrics.json; to train it further: vaelab-train resume_from={run_dir} epochs=<more>",
             exit_code=0,
         )
@@ -226,12 +234,19 @@ def run(start: Start) -> dict[str, float]:
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
+        metrics.update({f"{key}_bpd": model.bits_per_dim(metrics[key]) for key in BPD_KEYS if key in metrics})
+        metrics = dict(sorted(metrics.items()))
         if trainer.is_global_zero:
-            metrics = dict(sorted(metrics.items()))
             for logger in trainer.loggers:
                 if isinstance(logger, pl.loggers.TensorBoardLogger):
                     write_hparams(logger, hparams_of(cfg), metrics)
-            atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")  # last: the run is complete
+            report = {
+                "likelihood": hparams_of(cfg)["likelihood"],
+                "binarize": hparams_of(cfg)["binarize"],
+                "figures": describe(hparams_of(cfg)["likelihood"], hparams_of(cfg)["binarize"]),
+                **metrics,
+            }
+            atomic_write(run_dir / "metrics.json", json.dumps(report, indent=2) + "\n")  # last: the run is complete
             log.info("metrics: %s", json.dumps(metrics))
             log.info("run directory: %s", run_dir)
     return metrics
