@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, event_accumulator, train_run
-from vaelab.callbacks import interpolate
+from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, train_run
+from vaelab.callbacks import Traversals, interpolate, label_column
+from vaelab.data import MNISTLike, seeded_order
 
 CELL, PAD = 28, 2  # make_grid's cells and padding in every grid
 STEPS = [20, 40]  # global steps of the two validation epochs (20 batches each)
@@ -88,7 +89,7 @@ def latent2_run(tmp_path_factory) -> Path:
 def test_every_picture_is_logged_each_epoch_at_its_grid_size(latent16_run):
     acc = event_accumulator(latent16_run)
     tags = set(acc.Tags()["images"])
-    assert set(EVERY_EPOCH) | {"reconstructions/test"} == tags  # latent_map is a PROJECTOR entry at latent_dim 16
+    assert set(EVERY_EPOCH) | {"reconstructions/test", "traversals"} == tags  # latent_map: a PROJECTOR entry at latent 16
     for tag, (rows, cols) in EVERY_EPOCH.items():
         events = acc.Images(tag)
         assert sorted(e.step for e in events) == STEPS, tag
@@ -100,9 +101,9 @@ def test_every_picture_is_logged_each_epoch_at_its_grid_size(latent16_run):
 
 def test_png_copies_hold_the_logged_pixels(latent16_run):
     acc = event_accumulator(latent16_run)
-    expected = {png_name(tag, f"epoch{epoch:03d}") for tag in EVERY_EPOCH for epoch in (0, 1)} | {"reconstructions_test.png"}
-    assert {p.name for p in (latent16_run / "images").iterdir()} == expected
-    for tag in [*EVERY_EPOCH, "reconstructions/test"]:
+    expected = {png_name(tag, f"epoch{epoch:03d}") for tag in [*EVERY_EPOCH, "traversals"] for epoch in (0, 1)}
+    assert {p.name for p in (latent16_run / "images").iterdir()} == expected | {"reconstructions_test.png"}
+    for tag in [*EVERY_EPOCH, "reconstructions/test", "traversals"]:
         files = sorted((latent16_run / "images").glob(f"{tag.replace('/', '_')}*.png"))
         images = logged(acc, tag)
         assert len(files) == len(images)
@@ -288,3 +289,115 @@ def test_tensorboard_server_lists_tags_and_serves_images(latent16_run):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait(timeout=10)
+
+
+# --- traversals ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def val_images() -> torch.Tensor:
+    """The validation images of every run (the default split), as the callbacks pick from them."""
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule.setup("fit")
+    return datamodule.val_set[0]
+
+
+def traversal_parts(pixels: np.ndarray, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the label column, the (rows, steps, 28, 28) cells) of a logged traversals picture."""
+    width = steps * (CELL + PAD) + PAD
+    strip, grid = pixels[:, :-width], pixels[:, -width:]
+    rows = (grid.shape[0] - PAD) // (CELL + PAD)
+    return strip, np.stack([cells(grid, r, steps) for r in range(rows)])
+
+
+def expected_traversals(vae, images: torch.Tensor, num_units: int, steps: int, range_std: float = 3.0):
+    """Written from the definition: units by their mean KL(q(z_u|x) || N(0, 1)) over the images, largest first;
+    per unit, the first image's posterior mean with that unit moved over mean +- range_std, decoded."""
+    with torch.no_grad():
+        mu, logvar = (t.double().numpy() for t in vae.encode(images))
+    kl = 0.5 * (mu**2 + np.exp(logvar) - 1 - logvar).mean(axis=0)
+    units = np.argsort(-kl, kind="stable")[:num_units]
+    return units, kl[units], {u: traverse(vae, mu[0], u, steps, range_std) for u in range(mu.shape[1])}
+
+
+def traverse(vae, mean: np.ndarray, unit: int, steps: int, range_std: float) -> np.ndarray:
+    z = np.tile(mean, (steps, 1))
+    z[:, unit] += np.linspace(-range_std, range_std, steps)
+    with torch.no_grad():
+        return torch.sigmoid(vae.decode(torch.from_numpy(z).float())).squeeze(1).numpy()
+
+
+def label_pixels(units, kl, height: int) -> np.ndarray:
+    """The label column the picture should hold: each row's unit and its KL, as uint8 pixels."""
+    strip = label_column([f"z{u}\nKL {k:.2f}" for u, k in zip(units, kl)], CELL, height)
+    return strip.mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("run_fixture, latent_dim", [("latent16_run", 16), ("latent2_run", 2)])
+def test_traversal_rows_vary_the_most_used_units_named_in_their_labels(run_fixture, latent_dim, request, val_images):
+    from vaelab.module import VAE
+
+    run = request.getfixturevalue(run_fixture)
+    logged_images = logged(event_accumulator(run), "traversals")
+    assert [step for step, _ in logged_images] == STEPS
+    pixels = logged_images[-1][1]
+    strip, rows = traversal_parts(pixels, 11)
+    assert len(rows) == min(8, latent_dim)  # k = min(num_units, latent_dim): both units at latent_dim 2
+    vae = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    picks = val_images[seeded_order(len(val_images), 0)[:1000]]
+    units, kl, traversals = expected_traversals(vae, picks, len(rows), 11)
+    assert (kl[:-1] >= kl[1:]).all() and kl[0] > 1.0  # the top unit is in use
+    for row, unit in zip(rows, units):
+        assert np.abs(row - traversals[unit]).max() <= 0.6 / 255  # this unit moved, and nothing else
+        assert np.abs(row[0] - row[-1]).mean() > 0.01  # the row changes along its unit
+    # the traversed image is the first input of reconstructions/val (pixels k/255, exact in the PNG)
+    first_input = cells(logged(event_accumulator(run), "reconstructions/val")[-1][1], 0, 16)[0]
+    assert np.abs(first_input - picks[0, 0].numpy()).max() < 0.1 / 255
+    assert np.array_equal(strip, label_pixels(units, kl, pixels.shape[0]))
+    assert np.array_equal(np.asarray(Image.open(run / "images" / "traversals_epoch001.png").convert("RGB")), pixels)
+
+
+def test_the_row_of_an_inactive_unit_stays_still_and_comes_last(tmp_path, val_images):
+    """A dense VAE trained briefly on Fashion-MNIST, then unit 1 switched off: its posterior is the prior
+    (mean 0, log-variance 0: KL 0) and the decoder ignores it. Its row must be the last and constant, and every
+    other row must be the traversal of the unit its label names, which differs from any other unit's."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    latent, dead, steps = 6, 1, 7
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=64)
+    pl.seed_everything(0)
+    vae = dense_vae(latent, (1, 28, 28), lr=1e-2)
+    quiet = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    pl.Trainer(max_steps=60, limit_val_batches=0, logger=False, **quiet).fit(vae, datamodule=datamodule)
+    with torch.no_grad():
+        vae.encoder.heads.weight[[dead, latent + dead]] = 0.0
+        vae.encoder.heads.bias[[dead, latent + dead]] = 0.0
+        vae.decoder.body[-1].weight[:, dead] = 0.0
+    callback = Traversals(num_units=latent, steps=steps, kl_images=500, image_dir=str(tmp_path / "images"))
+    logger = TensorBoardLogger(tmp_path, name="", version="tensorboard", default_hp_metric=False)
+    pl.Trainer(limit_val_batches=1, logger=logger, callbacks=[callback], **quiet).validate(vae.eval(), datamodule=datamodule)
+
+    ((_, pixels),) = logged(event_accumulator(tmp_path), "traversals")
+    strip, rows = traversal_parts(pixels, steps)
+    units, kl, traversals = expected_traversals(vae, val_images[seeded_order(len(val_images), 0)[:500]], latent, steps)
+    assert units[-1] == dead and kl[-1] == 0.0 and kl[-2] > 0.1
+    assert np.array_equal(strip, label_pixels(units, kl, pixels.shape[0]))
+    assert np.ptp(rows[-1], axis=0).max() == 0  # the inactive unit's row: the same image in every column
+    for r, unit in enumerate(units[:-1]):
+        assert np.abs(rows[r] - traversals[unit]).max() <= 0.6 / 255
+        assert np.ptp(rows[r], axis=0).mean() > 0.01  # active rows change along their unit
+        for other in set(range(latent)) - {unit}:  # and would be told apart from any other unit's traversal
+            assert np.abs(rows[r] - traversals[other]).max() > 0.05, (unit, other)
+
+
+def test_bad_traversal_settings_fail_naming_the_setting(compose):
+    from vaelab.errors import UserError
+    from vaelab.schema import check
+
+    with pytest.raises(UserError, match=r"callbacks\.traversals\.steps=1 is not allowed: .* an integer >= 2"):
+        check(compose(["callbacks.traversals.steps=1"]), "train")
+    with pytest.raises(UserError, match=r"callbacks\.traversals\.range_std=0 is not allowed: .* a number > 0"):
+        check(compose(["callbacks.traversals.range_std=0"]), "train")
+    with pytest.raises(UserError, match=r"callbacks\.traversals\.num_units=0 is not allowed"):
+        check(compose(["callbacks.traversals.num_units=0"]), "train")

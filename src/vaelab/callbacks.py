@@ -1,4 +1,5 @@
-"""Pictures in TensorBoard: reconstructions, noisy reconstructions, interpolations, prior samples, latent map.
+"""Pictures in TensorBoard: reconstructions, noisy reconstructions, interpolations, prior samples, latent map,
+latent traversals.
 
 Each picture is a Lightning callback with its own config in conf/callbacks/. They share one pattern
 (`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
@@ -22,7 +23,7 @@ from torchvision.utils import make_grid, save_image
 
 from vaelab.data import seeded_order
 from vaelab.errors import UserError
-from vaelab.module import add_noise
+from vaelab.module import add_noise, gaussian_kl
 
 PADDING = 2  # pixels between the 28x28 cells of every grid
 PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
@@ -312,3 +313,65 @@ class LatentMap(PictureCallback):
             writer.add_embedding(
                 mu, metadata=metadata, label_img=self.images.float().cpu(), global_step=trainer.global_step, tag="latent_map"
             )
+
+
+def unit_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """[latent_dim]: per latent unit u, the mean over the images of KL(q(z_u|x) || N(0, 1)), in nats."""
+    return gaussian_kl(mu.unsqueeze(-1), logvar.unsqueeze(-1)).mean(0)  # summed over a trailing axis of one: per unit
+
+
+def label_column(texts: list[str], cell: int, height: int) -> torch.Tensor:
+    """A white strip (3, height, width) to put left of a grid of `cell`-high rows: row r's text, in black, beside it.
+    A text of two lines keeps only its first where two do not fit in a cell."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font, spacing = ImageFont.load_default(), 1
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    box = lambda text: measure.multiline_textbbox((0, 0), text, font=font, spacing=spacing)
+    texts = [text if box(text)[3] - box(text)[1] <= cell else text.splitlines()[0] for text in texts]
+    strip = Image.new("RGB", (max(box(text)[2] for text in texts) + 2 * PADDING, height), "white")
+    draw = ImageDraw.Draw(strip)
+    for row, text in enumerate(texts):
+        left, top, _, bottom = box(text)
+        y = PADDING + row * (cell + PADDING) + (cell - (bottom - top)) // 2 - top  # centred on the row
+        draw.multiline_text((PADDING - left, y), text, fill="black", font=font, spacing=spacing)
+    return torch.from_numpy(np.asarray(strip).copy()).permute(2, 0, 1).float() / 255
+
+
+class Traversals(PictureCallback):
+    """`traversals`: latent traversals of one fixed validation image (the first of the seeded picks, the first
+    input of `reconstructions/val` with the same seed). The `num_units` units with the largest KL(q(z_u|x) ||
+    N(0, 1)) averaged over `kl_images` fixed validation images (the most used ones), most used first (ties by
+    index), one row each: the image's posterior mean with that unit alone set to mean + v, for `steps` values v
+    evenly spaced over [-range_std, range_std] (prior standard deviations), decoded. With an odd `steps` the
+    middle column is the reconstruction. A label column left of the rows names each unit and its KL: `z17`,
+    `KL 3.21` (nats). With fewer units than `num_units` (latent_dim 2), every unit gets a row."""
+
+    name = "traversals"
+
+    def __init__(self, num_units: int = 8, range_std: float = 3.0, steps: int = 11, kl_images: int = 1000, **kwargs):
+        super().__init__(**kwargs)
+        self.num_units, self.range_std, self.steps, self.kl_images = num_units, float(range_std), steps, kl_images
+        self.images = None
+
+    def choose(self, datamodule, stage: str) -> None:
+        if stage in FIT_STAGES:
+            self.images = self.pick(datamodule.val_set, self.kl_images, "kl_images")[0]
+
+    def rows(self, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(units [k], their mean KL [k], decoded traversals [k * steps, C, H, W]), most used unit first."""
+        mu, logvar = (t.float() for t in pl_module.encode(self.images))
+        kl = unit_kl(mu, logvar)
+        units = torch.sort(kl, descending=True, stable=True).indices[: self.num_units]
+        offsets = torch.linspace(-self.range_std, self.range_std, self.steps, device=mu.device)
+        z = mu[0].expand(len(units), self.steps, -1).clone()  # mu[0]: the traversed image, the first of the picks
+        rows = torch.arange(len(units), device=mu.device)
+        z[rows, :, units] += offsets  # row r: unit units[r] moves along the offsets, the other units stay put
+        return units, kl[units], pl_module.decode_mean(z.flatten(0, 1))
+
+    def pictures(self, trainer, pl_module):
+        units, kl, decoded = self.rows(pl_module)
+        traversal = grid(decoded, self.steps)
+        labels = [f"z{u}\nKL {k:.2f}" for u, k in zip(units.tolist(), kl.tolist())]
+        strip = label_column(labels, decoded.shape[-2], traversal.shape[-2]).to(traversal.device)
+        return {"traversals": torch.cat([strip, traversal], dim=-1)}

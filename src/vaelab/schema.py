@@ -266,6 +266,12 @@ CALLBACK_RULES: dict[str, dict[str, Rule]] = {
         ),
         "num_points": like(POSITIVE_INT, "2000"),
     },
+    "vaelab.callbacks.Traversals": {
+        "num_units": like(POSITIVE_INT, "8"),
+        "range_std": at_least(0, "3.0", strict=True),
+        "steps": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (both ends of the range)", "11"),
+        "kl_images": like(POSITIVE_INT, "1000"),
+    },
 }
 PICTURE_RULES = {"every_n_epochs": EVERY_N_EPOCHS, "seed": INTEGER}
 
