@@ -1,5 +1,5 @@
 """Pictures in TensorBoard: reconstructions, noisy reconstructions, interpolations, prior samples, latent map,
-latent traversals.
+latent traversals, and the Keras notebook's own pictures (experiment=notebook).
 
 Each picture is a Lightning callback with its own config in conf/callbacks/. They share one pattern
 (`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
@@ -375,3 +375,56 @@ class Traversals(PictureCallback):
         labels = [f"z{u}\nKL {k:.2f}" for u, k in zip(units.tolist(), kl.tolist())]
         strip = label_column(labels, decoded.shape[-2], traversal.shape[-2]).to(traversal.device)
         return {"traversals": torch.cat([strip, traversal], dim=-1)}
+
+
+class NotebookPictures(PictureCallback):
+    """The Keras notebook's own pictures (on with experiment=notebook), every `every_n_epochs` validation epochs.
+
+    Each code is drawn as the notebook's encoder draws it, z = mean + exp(log_sigma) * eps with
+    eps ~ N(0, epsilon_std^2 I) (`VAE.reparameterize`: objective=notebook, epsilon_std=0.1), its eps from a
+    generator seeded with `seed` on the model's device, fresh for each picture: the same eps every epoch.
+
+    - `notebook/latent_grid` (its last-but-one cell): two test images (the first two of the seeded test picks,
+      encoded together as one batch of two) are encoded with sampling; `values = np.linspace(lo, hi, grid_size)`
+      with lo and hi the min and max over all entries of both codes; the cell in row i (top to bottom) and column
+      j (left to right) is decoded from z with every even-indexed unit (z[0], z[2], ...) set to values[i] and
+      every odd-indexed unit (z[1], z[3], ...) to values[j]: a grid_size x grid_size grid, values[0] (the
+      smallest) at the top left. The two images enter only through lo and hi.
+    - `notebook/reconstructions/train` and `notebook/reconstructions/test`: `num_images` fixed images of that
+      set (top row) above their reconstructions (bottom row). Keras' `vae.predict` runs the sampling layer, so
+      the notebook decodes a sampled z, and so do these (the other pictures decode posterior means).
+    Decoded images are the decoder's pixel means (the notebook's sigmoid outputs)."""
+
+    name = "notebook_pictures"
+
+    def __init__(self, grid_size: int = 10, num_images: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.grid_size, self.num_images = grid_size, num_images
+        self.train_images = self.test_images = None
+
+    def choose(self, datamodule, stage: str) -> None:
+        if stage in FIT_STAGES:
+            self.train_images = self.pick(datamodule.train_set, self.num_images, "num_images")[0]
+            self.test_images = self.pick(datamodule.test_set, max(2, self.num_images), "num_images")[0]
+
+    def sampled_codes(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        return pl_module.reparameterize(*pl_module.encode(x), generator)
+
+    def latent_grid(self, pl_module: LightningModule, codes: torch.Tensor) -> torch.Tensor:
+        n = self.grid_size
+        values = torch.from_numpy(np.linspace(codes.min().item(), codes.max().item(), n)).to(codes)  # as the notebook
+        z = codes.new_empty(n, n, codes.shape[-1])
+        z[:, :, 0::2] = values.view(n, 1, 1)  # row value
+        z[:, :, 1::2] = values.view(1, n, 1)  # column value
+        return grid(pl_module.decode_mean(z.flatten(0, 1)), n)
+
+    def reconstructions(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
+        return grid(torch.cat([x, pl_module.decode_mean(self.sampled_codes(pl_module, x))]), len(x))
+
+    def pictures(self, trainer, pl_module):
+        return {
+            "notebook/latent_grid": self.latent_grid(pl_module, self.sampled_codes(pl_module, self.test_images[:2])),
+            "notebook/reconstructions/train": self.reconstructions(pl_module, self.train_images),
+            "notebook/reconstructions/test": self.reconstructions(pl_module, self.test_images[: self.num_images]),
+        }

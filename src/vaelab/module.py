@@ -187,8 +187,9 @@ class VAE(pl.LightningModule):
         """The mean image of p(x|z), in [0, 1]: what the pictures show."""
         return self.likelihood.mean(self.decode(z))
 
-    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-        eps = torch.randn_like(mu) * self.hparams.epsilon_std
+    def reparameterize(self, mu: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A draw of z from q(z|x) as training draws it; `generator` fixes it (the pictures' draws)."""
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype) * self.hparams.epsilon_std
         if self.hparams.objective == "notebook":
             return mu + logvar.exp() * eps  # the notebook's z = mean + exp(log_sigma) * eps
         return mu + (0.5 * logvar).exp() * eps

@@ -272,6 +272,10 @@ CALLBACK_RULES: dict[str, dict[str, Rule]] = {
         "steps": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (both ends of the range)", "11"),
         "kl_images": like(POSITIVE_INT, "1000"),
     },
+    "vaelab.callbacks.NotebookPictures": {
+        "grid_size": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2", "10"),
+        "num_images": like(POSITIVE_INT, "4"),
+    },
 }
 PICTURE_RULES = {"every_n_epochs": EVERY_N_EPOCHS, "seed": INTEGER}
 
