@@ -341,11 +341,12 @@ def label_column(texts: list[str], cell: int, height: int) -> torch.Tensor:
 class Traversals(PictureCallback):
     """`traversals`: latent traversals of one fixed validation image (the first of the seeded picks, the first
     input of `reconstructions/val` with the same seed). The `num_units` units with the largest KL(q(z_u|x) ||
-    N(0, 1)) averaged over `kl_images` fixed validation images (the most used ones), most used first (ties by
-    index), one row each: the image's posterior mean with that unit alone set to mean + v, for `steps` values v
-    evenly spaced over [-range_std, range_std] (prior standard deviations), decoded. With an odd `steps` the
-    middle column is the reconstruction. A label column left of the rows names each unit and its KL: `z17`,
-    `KL 3.21` (nats). With fewer units than `num_units` (latent_dim 2), every unit gets a row."""
+    N(0, 1)) averaged over `kl_images` fixed validation images (all of them if fewer), i.e. the most used units,
+    most used first (ties by index), one row each: the image's posterior mean with that unit alone set to
+    mean + v, for `steps` values v evenly spaced over [-range_std, range_std] (prior standard deviations),
+    decoded. With an odd `steps` the middle column is the reconstruction. A label column left of the rows names
+    each unit and its KL: `z17`, `KL 3.21` (nats). With fewer units than `num_units` (latent_dim 2), every unit
+    gets a row."""
 
     name = "traversals"
 
@@ -356,7 +357,8 @@ class Traversals(PictureCallback):
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            self.images = self.pick(datamodule.val_set, self.kl_images, "kl_images")[0]
+            # At most kl_images: a small validation set (an own image folder) is averaged over whole.
+            self.images = self.pick(datamodule.val_set, min(self.kl_images, len(datamodule.val_set[0])), "kl_images")[0]
 
     def rows(self, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(units [k], their mean KL [k], decoded traversals [k * steps, C, H, W]), most used unit first."""
