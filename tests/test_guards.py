@@ -85,3 +85,19 @@ def test_a_forced_nan_from_the_shell(tmp_path):
     ]
     assert logged == []  # the NaN window never reached TensorBoard
     assert "training loss is nan" in (run_dir / "train.log").read_text()
+
+
+def test_last_ckpt_is_the_last_epoch_even_past_the_best_one(tmp_path):
+    """Lightning's save_last writes last.ckpt only in an epoch that saves a best file; vaelab's last_checkpoint
+    callback writes it every epoch, so a resume continues from the epoch a run stopped at, not from its best.
+    mode=max makes epoch 0 the best (val/loss falls in early epochs), so epoch 1 saves no best file."""
+    run_dir = tmp_path / "run"
+    train_run(run_dir, "epochs=2", "callbacks.model_checkpoint.mode=max", "test_after_fit=false")
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 1
+    assert torch.load(checkpoints / "best-epoch000.ckpt", weights_only=True)["epoch"] == 0
+    # last.ckpt records the best checkpoint of its own epoch, for the resumed run's test
+    best_state = next(v for k, v in last["callbacks"].items() if "val/loss" in k)
+    assert best_state["best_model_path"] == str(checkpoints / "best-epoch000.ckpt")

@@ -128,10 +128,10 @@ def for_run(seed: int) -> list[pl.Callback]:
 
 
 def last_checkpoint(trainer: pl.Trainer) -> str | None:
-    """The checkpoint a resumed run would continue from (checkpoints/last.ckpt), if one was written."""
-    callback = trainer.checkpoint_callback
-    path = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
-    return path if path and Path(path).exists() else None
+    """The checkpoint a resumed run would continue from (checkpoints/last.ckpt, else the newest), if one was written."""
+    paths = [Path(p) for c in trainer.checkpoint_callbacks for p in (c.last_model_path, c.best_model_path) if p]
+    found = [p for p in paths if p.exists()]
+    return str(max(found, key=lambda p: (p.name == "last.ckpt", p.stat().st_mtime))) if found else None
 
 
 def describe_last_checkpoint(trainer: pl.Trainer) -> str:
