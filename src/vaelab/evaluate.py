@@ -45,14 +45,21 @@ def likelihood(
     pairs are decoded at once; with K above that, the samples of one image are split too. A density
     likelihood sees the images dequantised with `generator`'s noise (vaelab.module.VAE.target).
     """
-    out: dict[str, list[torch.Tensor]] = {"recon": [], "kl": [], "nll_iwae": [], "mu": []}
+    # The results are written into tensors allocated once: small tensors kept from every chunk would pin the freed
+    # decoder outputs in glibc's heap (measured: 7.5 MB more resident memory per image at K = 5000, killed by the
+    # OOM killer at 15.8 GB on the 10,000 test images; flat with this).
+    n, latent_dim = images.shape[0], int(vae.hparams.latent_dim)
+    result = {key: torch.empty(n, dtype=torch.float64, device=images.device) for key in ("recon", "kl", "nll_iwae")}
+    result["mu"] = torch.empty(n, latent_dim, device=images.device)
+    start = 0
     for x in images.split(max(1, pairs_per_pass // num_samples)):
         target = vae.target(x, generator)
         mu, logvar = vae.encode(target)
+        stop = start + x.shape[0]
         for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator).items():
-            out[key].append(value)
-        out["mu"].append(mu)
-    result = {key: torch.cat(values) for key, values in out.items()}
+            result[key][start:stop] = value
+        result["mu"][start:stop] = mu
+        start = stop
     result["neg_elbo"] = result["recon"] + result["kl"]
     return result
 
