@@ -8,6 +8,8 @@ import math
 import torch
 from torch import nn
 
+from vaelab.errors import UserError
+
 
 class DenseEncoder(nn.Module):
     """The notebook's encoder: flatten, then one linear head each for the mean and the log-variance."""
@@ -46,23 +48,62 @@ class DenseDecoder(nn.Module):
         return self.body(z).view(-1, *self.image_shape)
 
 
-class ConvEncoder(nn.Module):
-    """Two stride-2 convolutions (28 -> 14 -> 7), then linear heads."""
+def _typed(values) -> str:
+    """A list as typed on the command line: [32,64]."""
+    return "[" + ",".join(str(int(v)) for v in values) + "]"
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), channels: tuple[int, int] = (32, 64)):
+
+def conv_blocks(image_shape, channels=None, key: str = "model.encoder.channels") -> list[int]:
+    """The output channels of each stride-2 block of a conv network for `image_shape`, checked against its size.
+
+    channels=None derives them from the size: one block per halving while both sides stay even and at least 4
+    after it, doubling from 32 up to 256: 28x28 -> [32, 64] (ends at 7x7), 32x32 -> [32, 64, 128] (4x4),
+    64x64 -> [32, 64, 128, 256] (4x4), 96x96 -> [32, 64, 128, 256] (6x6). A list gives them outright: n blocks
+    need both sides divisible by 2^n.
+    """
+    _, h, w = image_shape
+    if channels is None:
+        blocks = 0
+        while h % 2 ** (blocks + 1) == 0 and w % 2 ** (blocks + 1) == 0 and min(h, w) // 2 ** (blocks + 1) >= 4:
+            blocks += 1
+        if blocks == 0:
+            raise UserError(
+                f"model=conv halves the image in stride-2 blocks, but data.image_shape={_typed(image_shape)} has an odd side "
+                f"or one under 8 pixels: use image sides divisible by 2 (e.g. data.image_size=32), or model=mlp"
+            )
+        return [min(32 * 2**i, 256) for i in range(blocks)]
+    channels = [int(c) for c in channels]
+    if not channels or any(c < 1 for c in channels):
+        raise UserError(
+            f"{key}={_typed(channels)} is not allowed: give one positive channel count per stride-2 block, e.g. [32,64]"
+        )
+    factor = 2 ** len(channels)
+    if h % factor or w % factor:
+        fits = max((n for n in range(1, len(channels)) if h % 2**n == 0 and w % 2**n == 0), default=0)
+        fix = f"use {fits} block(s), e.g. {key}={_typed(channels[:fits])}, or " if fits else ""
+        raise UserError(
+            f"{key}={_typed(channels)} gives {len(channels)} stride-2 blocks, which need image sides divisible by {factor}, "
+            f"but data.image_shape={_typed(image_shape)}: {fix}{key}=null (blocks derived from the size), or resize the "
+            "images (data.image_size)"
+        )
+    return channels
+
+
+class ConvEncoder(nn.Module):
+    """Stride-2 convolutions (kernel 4, ReLU), one per entry of `channels`, each halving the image, then linear heads
+    for the mean and log-variance. channels=None: derived from the image size (`conv_blocks`); the 28x28 default is
+    28 -> 14 -> 7 with 32 and 64 channels."""
+
+    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), channels: list[int] | None = None):
         super().__init__()
         c, h, w = image_shape
-        if h % 4 or w % 4:
-            raise ValueError(f"conv encoder needs image sides divisible by 4, got image_shape={tuple(image_shape)}")
-        c1, c2 = channels
-        self.body = nn.Sequential(
-            nn.Conv2d(c, c1, 4, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, 4, stride=2, padding=1),
-            nn.ReLU(),
-            nn.Flatten(),
-        )
-        self.heads = nn.Linear(c2 * (h // 4) * (w // 4), 2 * latent_dim)
+        channels = conv_blocks(image_shape, channels, "model.encoder.channels")
+        layers: list[nn.Module] = []
+        for n_in, n_out in zip([c, *channels[:-1]], channels):
+            layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        side = 2 ** len(channels)
+        self.heads = nn.Linear(channels[-1] * (h // side) * (w // side), 2 * latent_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mu, logvar = self.heads(self.body(x)).chunk(2, dim=-1)
@@ -70,25 +111,22 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of ConvEncoder: linear to a 7x7 map, then two stride-2 transposed convolutions (out_channels:
-    as DenseDecoder's)."""
+    """Mirror of ConvEncoder: linear to the smallest map, then stride-2 transposed convolutions (kernel 4), each
+    doubling the image, the last one to the output channels (out_channels: as DenseDecoder's)."""
 
     def __init__(
-        self, latent_dim: int, image_shape=(1, 28, 28), channels: tuple[int, int] = (32, 64), out_channels: int | None = None
+        self, latent_dim: int, image_shape=(1, 28, 28), channels: list[int] | None = None, out_channels: int | None = None
     ):
         super().__init__()
         c, h, w = image_shape
-        c = out_channels or c
-        c1, c2 = channels
-        self.start = (c2, h // 4, w // 4)
-        self.body = nn.Sequential(
-            nn.Linear(latent_dim, math.prod(self.start)),
-            nn.ReLU(),
-            nn.Unflatten(1, self.start),
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
-            nn.ReLU(),
-            nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
-        )
+        channels = conv_blocks(image_shape, channels, "model.decoder.channels")
+        side = 2 ** len(channels)
+        self.start = (channels[-1], h // side, w // side)
+        layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(self.start)), nn.ReLU(), nn.Unflatten(1, self.start)]
+        outs = [*reversed(channels[:-1]), out_channels or c]
+        for n_in, n_out in zip(reversed(channels), outs):
+            layers += [nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*layers[:-1])  # no ReLU after the last: it emits the likelihood's parameters
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.body(z)
