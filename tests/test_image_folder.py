@@ -113,14 +113,17 @@ def test_cache_written_then_used_then_rebuilt(tmp_path, monkeypatch):
     assert first.classes == ["cat", "dog", "emu"] and len(first.train_set[0]) == 6
     monkeypatch.undo()
 
-    write(root / "emu" / "e2.png", size=(9, 9), value=77)  # a new file: a new key, decoded anew
+    assert caches[0].name.startswith("c1-s8-crop-")  # the settings that change the pixels, then the hash
+    write(root / "emu" / "e2.png", size=(9, 9), value=77)  # a new file: a new hash, decoded anew
     changed = make(root, tmp_path)
     changed.setup()
     assert sum(len(s[0]) for s in (changed.train_set, changed.val_set, changed.test_set)) == 11
-    assert len(list((root / CACHE_FOLDER).glob("*.pt"))) == 2
-    # another setting that changes the pixels is another cache too
+    (replaced,) = (root / CACHE_FOLDER).glob("*.pt")  # the stale cache of the same settings is gone
+    assert replaced != caches[0] and replaced.name.startswith("c1-s8-crop-")
+    # another setting that changes the pixels is another cache, beside it
     make(root, tmp_path, crop=False).setup()
-    assert len(list((root / CACHE_FOLDER).glob("*.pt"))) == 3
+    make(root, tmp_path, channels=3).setup()
+    assert sorted(p.name[:11] for p in (root / CACHE_FOLDER).glob("*.pt")) == ["c1-s8-crop-", "c1-s8-resiz", "c3-s8-crop-"]
 
 
 def test_damaged_cache_is_rebuilt(tmp_path, caplog):
@@ -143,10 +146,10 @@ def test_unwritable_folder_falls_back_to_cache_dir(tmp_path, monkeypatch):
     root = classes_folder(tmp_path / "images")
     real = image_folder.write_cache
 
-    def read_only_source(path, data):
+    def read_only_source(path, data, stale_prefix):
         if root in path.parents:
             raise PermissionError(13, "Permission denied", str(path))
-        real(path, data)
+        real(path, data, stale_prefix)
 
     monkeypatch.setattr(image_folder, "write_cache", read_only_source)
     make(root, tmp_path).setup()
@@ -158,7 +161,7 @@ def test_unwritable_folder_falls_back_to_cache_dir(tmp_path, monkeypatch):
     assert len(dm.train_set[0]) == 6
     monkeypatch.undo()
 
-    def nowhere(path, data):
+    def nowhere(path, data, stale_prefix):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr(image_folder, "write_cache", nowhere)
@@ -227,10 +230,29 @@ def test_too_large_for_memory(tmp_path, monkeypatch):
     assert "data.image_size=6" in message  # 10 * 6 * 6 * 5 = 1800 bytes fit in 2000
 
 
-def test_bad_settings(tmp_path):
+def test_bad_settings(tmp_path, compose):
+    from vaelab import schema
+
     root = classes_folder(tmp_path / "images")
-    with pytest.raises(UserError, match=r"data.channels=2 is not 1 or 3"):
-        make(root, tmp_path, channels=2, image_shape=(2, 8, 8))
+    folder = ["data=image_folder", f"data.path={root}"]
+    for override, message in [
+        ("data.channels=2", "data.channels=2 is not allowed: data.channels must be 1 (grey) or 3 (RGB), e.g. data.channels=3"),
+        (
+            "data.image_size=0",
+            "data.image_size=0 is not allowed: data.image_size must be a positive integer or null, e.g. data.image_size=32",
+        ),
+        (
+            "data.val_fraction=1.5",
+            "data.val_fraction=1.5 is not allowed: data.val_fraction must be a fraction in [0, 1), e.g. data.val_fraction=0.1",
+        ),
+        ("data.workers=0", "data.workers=0 is not allowed: data.workers must be a positive integer or null, e.g. data.workers=4"),
+        ("data.crop=perhaps", "data.crop='perhaps' is not allowed: data.crop must be true or false, e.g. data.crop=true"),
+    ]:
+        with pytest.raises(UserError) as err:
+            schema.check(compose([*folder, override]), "train")
+        assert str(err.value) == message
+    with pytest.raises(UserError, match=r"^data.path is required, e.g. data.path=path/to/images$"):
+        schema.check(compose(["data=image_folder"]), "train")
     with pytest.raises(UserError, match=r"data.image_shape=\[1, 28, 28\] does not match data.channels=3 and data.image_size=8"):
         make(root, tmp_path, channels=3, image_shape=(1, 28, 28))
     with pytest.raises(UserError, match="leave no training images"):
@@ -246,9 +268,82 @@ def test_config_resolves_checks_and_builds(tmp_path, compose):
     from vaelab.errors import build
 
     root = classes_folder(tmp_path / "images")
-    cfg = compose(["data=image_folder", f"data.path={root}", "data.channels=3", "data.image_size=16"])
+    cfg = compose(
+        ["data=image_folder", f"data.path={root}", "data.channels=3", "data.image_size=16", "model.likelihood=gaussian"]
+    )
     schema.check(cfg, "train")
     assert cfg.data.dataset == "ImageFolder" and cfg.data.image_shape == [3, 16, 16]
     assert cfg.model.encoder.image_shape == [3, 16, 16]
     dm = build(cfg.data, "data")
     assert isinstance(dm, ImageFolder) and dm.image_shape == (3, 16, 16) and dm.batch_size == cfg.batch_size
+
+
+# --- from the shell, as a user would -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_folder(tmp_path_factory) -> Path:
+    """300 real Fashion-MNIST test images exported as PNG, one subfolder per class, named by torchvision's class
+    names ('/' becomes '-': 'T-shirt-top')."""
+    from conftest import DATA_DIR
+    from vaelab.data import MNISTLike
+
+    dm = MNISTLike(data_dir=str(DATA_DIR))
+    dm.setup()
+    images, labels = dm.test_set
+    root = tmp_path_factory.mktemp("fashion") / "images"
+    for i in range(300):
+        path = root / dm.classes[int(labels[i])].replace("/", "-") / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, 0].mul(255).round().to(torch.uint8).numpy(), "L").save(path)
+    return root
+
+
+def test_fashion_mnist_png_folders_train_and_their_class_names_reach_the_latent_map(tmp_path, fashion_folder):
+    from conftest import read_metrics, train_run
+
+    run = tmp_path / "run"
+    train_run(run, "data=image_folder", f"data.path={fashion_folder}", "epochs=1", "latent_dim=16")
+    assert set(read_metrics(run)) >= {"val/loss", "test/loss", "test/nll_iwae"}
+    assert len(list((fashion_folder / CACHE_FOLDER).glob("c1-s28-crop-*.pt"))) == 1
+    # the projector: 30 validation images (10% of 300), each named by its folder
+    folder = run / "tensorboard" / "00004" / "latent_map"  # 240 training images in batches of 64: 4 steps
+    names = (folder / "metadata.tsv").read_text().splitlines()
+    classes = sorted(p.name for p in fashion_folder.iterdir() if p.is_dir())
+    assert len(names) == 30 and set(names) <= set(classes) and len(set(names)) >= 5
+    assert "T-shirt-top" in classes and not any(name.isdigit() for name in names)
+    exported = {p: np.asarray(Image.open(p), dtype=np.float32) / 255 for p in fashion_folder.rglob("*.png")}
+    paths, stack = list(exported), np.stack(list(exported.values()))
+    sprite = np.asarray(Image.open(folder / "sprite.png").convert("L"), dtype=np.float32) / 255
+    side = 6  # ceil(sqrt(30)) thumbnails a side
+    thumbs = sprite.reshape(side, 28, side, 28).transpose(0, 2, 1, 3).reshape(-1, 28, 28)[:30]
+    for thumb, name in zip(thumbs, names):  # each thumbnail is one exported image, and its name is that image's folder
+        distance = np.abs(stack - thumb).mean(axis=(1, 2))
+        assert distance.min() < 1.5 / 255 and paths[int(distance.argmin())].parent.name == name
+
+
+def test_bernoulli_on_colour_images_is_refused_before_anything_starts(tmp_path):
+    from conftest import draw_shapes, one_line, rgb_data, train_run
+
+    folder = draw_shapes(tmp_path / "shapes", per_class=2)
+    proc = train_run(tmp_path / "run", *rgb_data(folder), check=False)
+    assert one_line(proc, "vaelab-train: error: ") == (
+        "vaelab-train: error: model.likelihood=bernoulli is not a likelihood of 3-channel images of 256 levels "
+        "(data.image_shape=[3,32,32]): add model.likelihood=discretized_logistic (or gaussian, or continuous_bernoulli), "
+        "or binarize the pixels with data.binarize=dynamic"
+    )
+    assert not (tmp_path / "run").exists() and not (folder / CACHE_FOLDER).exists()
+
+
+def test_a_corrupt_image_stops_the_run_in_one_line_before_training(tmp_path):
+    from conftest import one_line, train_run
+
+    root = tmp_path / "images"
+    for i in range(10):
+        write(root / f"x{i}.png", size=(28, 28), value=20 * i)
+    (root / "x3.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    proc = train_run(tmp_path / "run", "data=image_folder", f"data.path={root}", check=False)
+    line = one_line(proc, f"vaelab-train: error: {root / 'x3.png'}: not a readable image (")
+    assert line.endswith("; delete or fix it, then run again")
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
+    assert not (root / CACHE_FOLDER).exists()

@@ -10,9 +10,10 @@ ratio (`crop: false`); `image_size: null` keeps the images' own size, which must
 given to the networks as `data.image_shape`.
 
 The images are decoded once, in parallel (one process per core unless `workers` says otherwise), into
-`<path>/.vaelab-cache/<key>.pt` (or, when the folder is not writable, into `cache_dir`); the key is a hash of
-the file names, sizes and modification times and of the settings that change the pixels, so a changed folder or
-setting decodes anew and an unchanged one loads the cache. Training itself does no per-image Python work.
+`<path>/.vaelab-cache/c<channels>-s<image_size>-<crop|resize>-<hash>.pt` (or, when the folder is not writable, into
+`cache_dir`); the hash covers the file names, sizes and modification times and the settings that change the pixels,
+so a changed folder or setting decodes anew (replacing the stale cache of the same settings) and an unchanged one
+loads the cache. Training itself does no per-image Python work.
 """
 
 from __future__ import annotations
@@ -122,20 +123,30 @@ def decode_chunk(
     return (np.stack(arrays) if same and arrays else None), sizes, failures
 
 
-def cache_key(root: Path, files: list[str], channels: int, image_size: int | None, crop: bool) -> str:
-    """A short hash of the file list (names, sizes, modification times) and of the settings that change the pixels."""
+def cache_name(root: Path, files: list[str], channels: int, image_size: int | None, crop: bool) -> str:
+    """The cache file's name: the settings that change the pixels, then a short hash of them and of the file list
+    (names, sizes, modification times), e.g. `c3-s32-crop-<hash>.pt`."""
     entries = []
     for name in files:
         st = (root / name).stat()
         entries.append([name, st.st_size, st.st_mtime_ns])
     text = json.dumps({"v": CACHE_VERSION, "files": entries, "channels": channels, "image_size": image_size, "crop": crop})
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return f"{settings_prefix(channels, image_size, crop)}{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt"
 
 
-def write_cache(path: Path, data: bytes) -> None:
-    """One cache file, whole or not at all (its folder made first)."""
+def settings_prefix(channels: int, image_size: int | None, crop: bool) -> str:
+    return f"c{channels}-s{image_size or 'own'}-{'crop' if crop else 'resize'}-"
+
+
+def write_cache(path: Path, data: bytes, stale_prefix: str) -> None:
+    """One cache file, whole or not at all (its folder made first); then the caches of the same settings for an
+    earlier state of the folder are removed (the folder changed: they can never be used again)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, data)
+    for old in path.parent.glob(f"{stale_prefix}*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+            log.info("data: removed the stale image cache %s", old)
 
 
 class ImageFolder(TensorData):
@@ -161,24 +172,11 @@ class ImageFolder(TensorData):
         dataset: str = "ImageFolder",
     ):
         super().__init__(batch_size, eval_batch_size, seed, binarize, tuple(image_shape), split_seed)
-        if channels not in (1, 3) or isinstance(channels, bool):
-            raise UserError(f"data.channels={show(channels)} is not 1 or 3: use data.channels=1 (grey) or data.channels=3 (RGB)")
-        if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1):
-            raise UserError(
-                f"data.image_size={show(image_size)} is not a positive integer: give the side in pixels, e.g. data.image_size=32, "
-                "or data.image_size=null to keep the images' own size"
-            )
-        for key, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:
-                raise UserError(f"data.{key}={show(value)} is not a fraction in [0, 1): e.g. data.{key}=0.1")
+        # Each setting alone is checked by vaelab.schema's RULES before the run starts; here what they must be together.
         if val_fraction + test_fraction >= 1:
             raise UserError(
                 f"data.val_fraction={show(val_fraction)} and data.test_fraction={show(test_fraction)} leave no training "
                 "images: make them sum to less than 1, e.g. 0.1 each"
-            )
-        if workers is not None and (not isinstance(workers, int) or isinstance(workers, bool) or workers < 1):
-            raise UserError(
-                f"data.workers={show(workers)} is not a positive integer: e.g. data.workers=4, or null for one per core"
             )
         shape = list(self.image_shape)
         if image_size is not None:
@@ -207,13 +205,13 @@ class ImageFolder(TensorData):
             raise UserError(f"data.path={self.path} is a file, not a folder; point data.path at the folder holding your images")
         return root
 
-    def cache_paths(self, root: Path, key: str) -> list[Path]:
+    def cache_paths(self, root: Path, name: str) -> list[Path]:
         """Where the cache may be: beside the data first, then cache_dir (or its default under data_dir)."""
         if self.cache_dir is not None:
             fallback = Path(self.cache_dir).expanduser()
         else:
             fallback = Path(self.data_dir) / "image_folder" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-        return [root / CACHE_FOLDER / f"{key}.pt", fallback / f"{key}.pt"]
+        return [root / CACHE_FOLDER / name, fallback / name]
 
     # -- the one-off work
 
@@ -236,8 +234,7 @@ class ImageFolder(TensorData):
         self.split_sizes(len(files))
         self.check_memory(len(files))
         labels, classes = label_files(files)
-        key = cache_key(root, files, self.channels, self.image_size, self.crop)
-        paths = self.cache_paths(root, key)
+        paths = self.cache_paths(root, cache_name(root, files, self.channels, self.image_size, self.crop))
         for path in paths:
             cached = self.read_cache(path, len(files))
             if cached is not None:
@@ -251,7 +248,7 @@ class ImageFolder(TensorData):
         errors = []
         for path in paths:
             try:
-                write_cache(path, buffer.getvalue())
+                write_cache(path, buffer.getvalue(), settings_prefix(self.channels, self.image_size, self.crop))
             except OSError as err:
                 errors.append(f"{path} ({err.strerror or err})")
                 continue

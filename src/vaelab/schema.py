@@ -159,6 +159,7 @@ INSPECT_BINARIZE = Rule(
 
 # Where each value finally lives -> (the headline key of conf/train.yaml the groups read it through, or None; rule)
 DATA_RULES: dict[str, tuple[str | None, Rule]] = {
+    "data.dataset": (None, like(STRING, "CIFAR10")),
     "data.batch_size": ("batch_size", like(POSITIVE_INT, "128")),
     "data.eval_batch_size": (None, like(POSITIVE_INT, "1000")),
     "data.val_size": (None, Rule(lambda v: _int(v) and 0 < v < 60000, "an integer between 1 and 59999", "5000")),
@@ -166,6 +167,15 @@ DATA_RULES: dict[str, tuple[str | None, Rule]] = {
     "data.seed": ("seed", like(INTEGER, "42")),
     "data.download": (None, BOOL),
     "data.binarize": (None, one_of("none", "dynamic", "static")),
+    # data=image_folder (vaelab.image_folder.ImageFolder); before data.image_shape, which follows channels and image_size
+    "data.path": (None, like(STRING, "path/to/images")),
+    "data.channels": (None, Rule(lambda v: _int(v) and v in (1, 3), "1 (grey) or 3 (RGB)", "3")),
+    "data.image_size": (None, like(OPTIONAL_POSITIVE_INT, "32")),
+    "data.crop": (None, like(BOOL, "true")),
+    "data.val_fraction": (None, Rule(lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1")),
+    "data.test_fraction": (None, Rule(lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1")),
+    "data.workers": (None, like(OPTIONAL_POSITIVE_INT, "4")),
+    "data.cache_dir": (None, Rule(lambda v: v is None or (isinstance(v, str) and v != ""), "a folder or null", "null")),
     "data.image_shape": (
         None,
         Rule(
@@ -318,6 +328,15 @@ def check_combinations(cfg: DictConfig) -> None:
         raise UserError(
             f"model.objective=notebook is the notebook's Bernoulli loss; model.likelihood={likelihood} needs "
             f"model.objective=elbo (or iwae)"
+        )
+    binarize = (cfg.get("data") or {}).get("binarize", "none")
+    shape = OmegaConf.select(cfg, "data.image_shape", default=None)
+    if likelihood == "bernoulli" and binarize == "none" and shape is not None and shape[0] > 1:
+        # Kept on grey levels only as the notebook's loss; on colour images nothing depends on it, so it is refused.
+        raise UserError(
+            f"model.likelihood=bernoulli is not a likelihood of {shape[0]}-channel images of 256 levels "
+            f"(data.image_shape=[{','.join(str(d) for d in shape)}]): add model.likelihood=discretized_logistic "
+            f"(or gaussian, or continuous_bernoulli), or binarize the pixels with data.binarize=dynamic"
         )
     if objective == "iwae" and model.get("free_bits"):
         raise UserError(
