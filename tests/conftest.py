@@ -199,3 +199,54 @@ def run_with_file_limit(kib: int, *args: str) -> subprocess.CompletedProcess:
         stdin=subprocess.DEVNULL,
         env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
     )
+
+
+SHAPE_COLOURS = {"blue_triangles": (50, 80, 230), "green_squares": (40, 200, 60), "red_discs": (220, 40, 40)}
+
+
+def draw_shapes(root: Path, per_class: int = 70, size: int = 32, seed: int = 0) -> Path:
+    """A folder of colour images drawn with PIL: one subfolder per class (red discs, green squares, blue
+    triangles), each shape at a random place and size on a random dark background."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    for name, colour in SHAPE_COLOURS.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            image = Image.new("RGB", (size, size), tuple(int(v) for v in rng.integers(0, 40, 3)))
+            draw = ImageDraw.Draw(image)
+            r = int(rng.integers(size // 5, size // 3))
+            x, y = (int(v) for v in rng.integers(r, size - r, 2))
+            if name == "red_discs":
+                draw.ellipse((x - r, y - r, x + r, y + r), fill=colour)
+            elif name == "green_squares":
+                draw.rectangle((x - r, y - r, x + r, y + r), fill=colour)
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=colour)
+            image.save(root / name / f"{i:03d}.png")
+    return root
+
+
+def rgb_data(folder: Path) -> list[str]:
+    """The settings of the coloured shapes (32x32 RGB) for vaelab-train, -eval and -generate."""
+    return ["data=image_folder", f"data.path={folder}", "data.channels=3", "data.image_size=32"]
+
+
+@pytest.fixture(scope="session")
+def rgb_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(run dir, image folder): model=conv with the discretized logistic on 210 coloured shapes, every picture on."""
+    base = tmp_path_factory.mktemp("rgb")
+    folder = draw_shapes(base / "shapes")
+    run_dir = base / "run"
+    train_run(
+        run_dir,
+        *rgb_data(folder),
+        "model=conv",
+        "model.likelihood=discretized_logistic",
+        "latent_dim=8",
+        "epochs=2",
+        "lr=3e-3",
+        "batch_size=32",
+    )
+    return run_dir, folder

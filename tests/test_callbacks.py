@@ -407,3 +407,80 @@ def test_bad_traversal_settings_fail_naming_the_setting(compose):
         check(compose(["callbacks.traversals.range_std=0"]), "train")
     with pytest.raises(UserError, match=r"callbacks\.traversals\.num_units=0 is not allowed"):
         check(compose(["callbacks.traversals.num_units=0"]), "train")
+
+
+# --- colour images of another size: model=conv on 32x32 RGB shapes (conftest.rgb_run) ---------------------------
+
+RGB_CELL = 32
+RGB_STEPS = [6, 12]  # 168 training images in batches of 32: 6 steps an epoch
+
+
+def rgb_cells(image: np.ndarray, row: int, ncols: int) -> np.ndarray:
+    """The (ncols, 32, 32, 3) colour cells of one grid row, pixels in [0, 1]."""
+    top, step = PAD + row * (RGB_CELL + PAD), RGB_CELL + PAD
+    return np.stack([image[top : top + RGB_CELL, PAD + c * step : PAD + c * step + RGB_CELL] for c in range(ncols)]) / 255.0
+
+
+def dominant_channel(cell: np.ndarray) -> int:
+    """0, 1 or 2: the channel of the brightest pixels (the shape's colour; the background is dark)."""
+    bright = cell.max(axis=2) > 0.45
+    return int(cell[bright].mean(axis=0).argmax())
+
+
+def test_rgb_pictures_are_logged_in_colour_at_the_image_size(rgb_run):
+    from conftest import SHAPE_COLOURS
+
+    run, _ = rgb_run
+    acc = event_accumulator(run)
+    assert set(acc.Tags()["images"]) == set(EVERY_EPOCH) | {"reconstructions/test"}  # latent 8: the projector
+    for tag, (rows, cols) in {**EVERY_EPOCH, "reconstructions/test": (2, 16)}.items():
+        events = acc.Images(tag)
+        assert sorted(e.step for e in events) == (RGB_STEPS if tag != "reconstructions/test" else [RGB_STEPS[-1]]), tag
+        for event in events:
+            assert (event.height, event.width) == (rows * (RGB_CELL + PAD) + PAD, cols * (RGB_CELL + PAD) + PAD), tag
+        for step, pixels in logged(acc, tag):  # the PNG copies hold the logged pixels
+            suffix = "test" if tag == "reconstructions/test" else f"epoch{RGB_STEPS.index(step):03d}"
+            name = "reconstructions_test.png" if tag == "reconstructions/test" else png_name(tag, suffix)
+            assert np.array_equal(np.asarray(Image.open(run / "images" / name).convert("RGB")), pixels), name
+    _, pixels = logged(acc, "reconstructions/val")[-1]
+    inputs = rgb_cells(pixels, 0, 16)
+    # each input is a red, green or blue shape: one channel clearly above the other two where the shape is
+    for cell in inputs:
+        colour = cell[cell.max(axis=2) > 0.45].mean(axis=0)
+        assert np.sort(colour)[-1] - np.sort(colour)[-2] > 0.25, colour
+    assert {dominant_channel(cell) for cell in inputs} == {0, 1, 2}  # all three classes among the 16
+    assert len(SHAPE_COLOURS) == 3
+    # decoded pictures are colour too: a grey picture would have R == G == B everywhere
+    for tag, row, ncols in [("reconstructions/val", 1, 16), ("samples", 0, 8), ("interpolation", 0, 12)]:
+        cells_ = rgb_cells(logged(acc, tag)[-1][1], row, ncols)
+        assert np.abs(cells_[..., 0] - cells_[..., 1]).mean() > 0.01 and np.abs(cells_[..., 1] - cells_[..., 2]).mean() > 0.01, (
+            tag
+        )
+
+
+def test_rgb_projector_has_colour_thumbnails_named_by_their_folders(rgb_run):
+    from conftest import SHAPE_COLOURS
+
+    run, _ = rgb_run
+    board = run / "tensorboard"
+    folder = board / f"{RGB_STEPS[-1]:05d}" / "latent_map"
+    means = np.loadtxt(folder / "tensors.tsv", delimiter="\t")
+    assert means.shape == (21, 8)  # all 21 validation images: fewer than num_points=2000
+    names = (folder / "metadata.tsv").read_text().splitlines()
+    assert len(names) == 21 and set(names) == set(SHAPE_COLOURS)
+    sprite = np.asarray(Image.open(folder / "sprite.png").convert("RGB")) / 255.0
+    side = 5  # ceil(sqrt(21)) thumbnails a side
+    assert sprite.shape == (side * RGB_CELL, side * RGB_CELL, 3)
+    thumbs = sprite.reshape(side, RGB_CELL, side, RGB_CELL, 3).transpose(0, 2, 1, 3, 4).reshape(-1, RGB_CELL, RGB_CELL, 3)
+    # each thumbnail's colour is its class's: the folder names reach the projector beside the right images
+    channel = {name: int(np.argmax(colour)) for name, colour in SHAPE_COLOURS.items()}
+    assert [dominant_channel(t) for t in thumbs[:21]] == [channel[n] for n in names]
+
+
+def test_large_images_are_shrunk_to_fit_the_projector_sprite():
+    from vaelab.callbacks import SPRITE_SIDE, thumbnails
+
+    small = torch.rand(2000, 3, 64, 64)
+    assert thumbnails(small).shape == small.shape  # 45 a side x 64 fits in 8192
+    large = thumbnails(torch.rand(2000, 3, 256, 128))
+    assert large.shape == (2000, 3, 182, 91) and 45 * 182 <= SPRITE_SIDE

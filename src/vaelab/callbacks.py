@@ -10,13 +10,13 @@ same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
@@ -25,7 +25,7 @@ from vaelab.data import seeded_order
 from vaelab.errors import UserError
 from vaelab.module import add_noise, gaussian_kl
 
-PADDING = 2  # pixels between the 28x28 cells of every grid
+PADDING = 2  # pixels between the cells (images of any size, grey or RGB) of every grid
 PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
 INTERPOLATIONS = ("linear", "spherical")
 FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where most pictures are drawn
@@ -115,7 +115,7 @@ class PictureCallback(Callback):
         if datamodule is None or not hasattr(datamodule, "val_set"):
             raise UserError(
                 f"callbacks.{self.name} needs a datamodule holding train_set/val_set/test_set tensors "
-                f"(vaelab.data.MNISTLike); drop it with ~callbacks.{self.name}"
+                f"(vaelab.data.TensorData); drop it with ~callbacks.{self.name}"
             )
         self.choose(datamodule, stage)
 
@@ -242,10 +242,19 @@ class Samples(PictureCallback):
         return {"samples": grid(pl_module.sample(self.num_samples, self.temperature, generator), self.ncols)}
 
 
-def class_names(datamodule) -> list[str] | None:
-    """The dataset's class names as torchvision lists them (e.g. FashionMNIST.classes), or None."""
-    dataset = getattr(torchvision.datasets, str(getattr(datamodule, "dataset", "")), None)
-    return list(dataset.classes) if dataset is not None and hasattr(dataset, "classes") else None
+SPRITE_SIDE = 8192  # TensorBoard's projector shows no sprite larger than this, in pixels a side
+
+
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """The projector's thumbnails: the images themselves, shrunk (area averaging) only where the sprite of all of them
+    would exceed SPRITE_SIDE pixels a side (2,000 images: 45 a side, so images of up to 182 pixels stay as they are)."""
+    images = images.float().cpu()
+    cell = SPRITE_SIDE // math.ceil(math.sqrt(len(images)))
+    h, w = images.shape[-2:]
+    if max(h, w) <= cell:
+        return images
+    scale = cell / max(h, w)
+    return F.interpolate(images, size=(max(1, int(h * scale)), max(1, int(w * scale))), mode="area")
 
 
 class LatentMap(PictureCallback):
@@ -264,8 +273,11 @@ class LatentMap(PictureCallback):
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            self.images, self.labels = self.pick(datamodule.val_set, self.num_points, "num_points")
-            self.names = class_names(datamodule)
+            # up to num_points: a small folder of images may have fewer validation images, and all of them are shown
+            self.images, self.labels = self.pick(
+                datamodule.val_set, min(self.num_points, len(datamodule.val_set[0])), "num_points"
+            )
+            self.names = getattr(datamodule, "classes", None)  # the data's own class names (a folder's subfolders)
 
     def on_validation_epoch_end(self, trainer, pl_module):
         if pl_module.hparams.latent_dim == 2:
@@ -284,15 +296,20 @@ class LatentMap(PictureCallback):
     def scatter(self, mu: torch.Tensor, epoch: int) -> torch.Tensor:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.lines import Line2D
 
         mu, labels = mu.float().cpu().numpy(), self.labels.cpu().numpy()
         figure = Figure(figsize=(6.4, 5.6), dpi=100)
         canvas = FigureCanvasAgg(figure)
         ax = figure.add_subplot()
-        points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.7)
-        handles, _ = points.legend_elements()
+        count = max(len(self.names or []), int(labels.max()) + 1)
+        # tab10 for up to 10 classes (Fashion-MNIST's pictures as they always were), tab20 up to 20, then a ramp
+        cmap, top = ("tab10", 10) if count <= 10 else ("tab20", 20) if count <= 20 else ("turbo", count)
+        points = ax.scatter(mu[:, 0], mu[:, 1], c=labels, cmap=cmap, vmin=-0.5, vmax=top - 0.5, s=4, alpha=0.7)
         present = np.unique(labels)
-        ax.legend(handles, self.label_names(present), fontsize=7, markerscale=0.8, loc="upper right")
+        if len(present) <= 20:  # one legend entry per class present, with its name
+            handles = [Line2D([], [], marker="o", ls="", color=points.cmap(points.norm(k)), markersize=5) for k in present]
+            ax.legend(handles, self.label_names(present), fontsize=7, markerscale=0.8, loc="upper right")
         ax.set(xlabel="z[0]", ylabel="z[1]", title=f"validation latent means, epoch {epoch}")
         figure.tight_layout()
         canvas.draw()
@@ -311,7 +328,7 @@ class LatentMap(PictureCallback):
         metadata = self.label_names(self.labels.cpu().tolist())
         for writer in tensorboard_writers(trainer):
             writer.add_embedding(
-                mu, metadata=metadata, label_img=self.images.float().cpu(), global_step=trainer.global_step, tag="latent_map"
+                mu, metadata=metadata, label_img=thumbnails(self.images), global_step=trainer.global_step, tag="latent_map"
             )
 
 

@@ -285,6 +285,14 @@ class MNISTLike(TensorData):
         self.dataset, self.data_dir, self.system_dir, self.download = dataset, data_dir, system_dir, download
         self.val_size = val_size
 
+    @property
+    def classes(self) -> list[str] | None:
+        """torchvision's names for the classes of this dataset (e.g. FashionMNIST.classes), or None."""
+        import torchvision.datasets  # imported here: slow to import, and only the pictures need the names
+
+        dataset = getattr(torchvision.datasets, self.dataset, None)
+        return list(dataset.classes) if dataset is not None and hasattr(dataset, "classes") else None
+
     def prepare_data(self) -> None:
         locate(self.data_dir, self.dataset, self.system_dir, self.download)
 
@@ -294,3 +302,4 @@ class MNISTLike(TensorData):
         order = seeded_order(len(images), self.split_seed)
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]), load_split(raw_dir, "test")
+
