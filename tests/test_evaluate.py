@@ -286,3 +286,26 @@ def test_memory_stays_flat_over_many_images_at_large_k():
     grown = resident_mib() - before
     assert result["nll_iwae"].shape == (160,) and torch.isfinite(result["nll_iwae"]).all()
     assert grown < 150, f"resident memory grew {grown:.0f} MiB over 160 images"
+
+
+def test_vaelab_eval_on_a_colour_image_folder_checkpoint(tmp_path, rgb_run):
+    from conftest import one_line, rgb_data
+
+    run, folder = rgb_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "eval"
+    run_cli(f"ckpt_path={ckpt}", *rgb_data(folder), "num_importance_samples=5", f"hydra.run.dir={out}", tool="vaelab-eval")
+    result = json.loads((out / "eval.json").read_text())
+    assert result["dataset"] == "ImageFolder" and result["num_images"] == 21  # the folder's 10% test split
+    assert result["likelihood"] == "discretized_logistic" and result["model"]["name"] == "conv"
+    assert math.isfinite(result["neg_elbo"]) and result["nll_iwae"] <= result["neg_elbo"] + 1.0
+    assert result["neg_elbo_bpd"] == pytest.approx(result["neg_elbo"] / (3 * 32 * 32 * math.log(2)))  # D = 3072
+    assert all(math.isfinite(r["mse"]) and 0 <= r["mse"] <= 1 for r in result["noisy_inputs"])
+    with Image.open(out / "noise_error.png") as png:
+        assert png.size == (1000, 400)
+    # the same checkpoint with the default data: one line naming the data it needs
+    proc = run_cli(f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'wrong'}", tool="vaelab-eval", check=False)
+    line = one_line(
+        proc, "vaelab-eval: error: the checkpoint's model takes (3, 32, 32) images but data=FashionMNIST has (1, 28, 28)"
+    )
+    assert line.endswith("e.g. data=image_folder data.path=<dir> data.channels=3 data.image_size=32")

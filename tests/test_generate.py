@@ -76,3 +76,28 @@ def test_vaelab_generate_fails_in_one_line_on_a_truncated_checkpoint(tmp_path, t
     [line] = proc.stderr.strip().splitlines()
     assert line.startswith(f"vaelab-generate: error: ckpt_path={truncated}: {truncated} (4096 bytes): it is truncated or damaged")
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_vaelab_generate_draws_colour_grids_at_the_image_size(tmp_path, rgb_run):
+    import numpy as np
+
+    from conftest import rgb_data
+
+    run, folder = rgb_run
+    out = tmp_path / "generate"
+    run_cli(
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        *rgb_data(folder),
+        "num_samples=10",
+        "interpolate=true",
+        "num_pairs=3",
+        "num_steps=5",
+        f"hydra.run.dir={out}",
+        tool="vaelab-generate",
+    )
+    # make_grid: tiles of 32 + 2 padding, plus 2; samples: 4 per row, 3 rows; interpolation: 5 + 2 per row, 3 rows
+    for name, size in (("samples.png", (4 * 34 + 2, 3 * 34 + 2)), ("interpolation.png", (7 * 34 + 2, 3 * 34 + 2))):
+        with Image.open(out / name) as png:
+            assert png.mode == "RGB" and png.size == size, name
+            pixels = np.asarray(png, dtype=np.float32)[2:34, 2:34] / 255  # the first tile
+        assert np.abs(pixels[..., 0] - pixels[..., 1]).mean() > 0.01 or np.abs(pixels[..., 1] - pixels[..., 2]).mean() > 0.01

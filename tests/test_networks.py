@@ -105,3 +105,23 @@ def test_a_size_that_does_not_fit_is_refused_from_the_shell_naming_the_setting(t
     line = one_line(proc, "vaelab-train: error: model.encoder.channels=[32,64,128] gives 3 stride-2 blocks")
     assert "data.image_shape=[1,28,28]" in line
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_a_64x64_colour_conv_vae_is_built_from_the_config_and_trains_a_step(compose, tmp_path):
+    from hydra.utils import instantiate
+
+    from vaelab import schema
+
+    data = ["data=image_folder", f"data.path={tmp_path}", "data.channels=3", "data.image_size=64"]
+    cfg = compose([*data, "model=conv", "model.likelihood=discretized_logistic", "latent_dim=16"])
+    schema.check(cfg, "train")
+    vae = instantiate(cfg.model)
+    assert [m.out_channels for m in vae.encoder.body if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
+    assert [m.out_channels for m in vae.decoder.body if isinstance(m, nn.ConvTranspose2d)] == [128, 64, 32, 6]  # mean, log-scale
+    assert vae.hparams.decoder["channels"] is None  # the decoder follows the encoder's setting
+    x = torch.rand(4, 3, 64, 64)
+    parts = vae.loss(x, x)
+    parts["loss"].backward()
+    assert torch.isfinite(parts["loss"]) and vae.decode_mean(vae.encode(x)[0]).shape == (4, 3, 64, 64)
+    explicit = instantiate(compose([*data, "model=conv", "model.likelihood=gaussian", "model.encoder.channels=[16,32]"]).model)
+    assert explicit.decoder.start == (32, 16, 16) and explicit.hparams.decoder["channels"] == [16, 32]

@@ -200,9 +200,12 @@ def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
     images = datamodule.test_set[0]
     model_shape = tuple(vae.hparams.encoder.get("image_shape") or images.shape[1:])
     if model_shape != tuple(images.shape[1:]):
+        c, h, w = model_shape
+        size = f"data.image_size={h}" if h == w else f"data.image_size=null data.image_shape=[{c},{h},{w}]"
         raise UserError(
             f"the checkpoint's model takes {model_shape} images but data={cfg.data.dataset} has "
-            f"{tuple(images.shape[1:])}; pass the data config it was trained on, e.g. data=mnist"
+            f"{tuple(images.shape[1:])}; pass the data it was trained on, e.g. "
+            + ("data=mnist" if model_shape == (1, 28, 28) else f"data=image_folder data.path=<dir> data.channels={c} {size}")
         )
     return images
 
