@@ -4,7 +4,14 @@ import pytest
 from hydra.utils import instantiate
 
 CONF_GROUPS = {
-    "data": ["fashion_mnist", "mnist"],
+    "data": [
+        "fashion_mnist",
+        "mnist",
+        "kmnist",
+        "cifar10",
+        "cifar100",
+        "svhn",
+    ],  # image_folder, torchvision: test_image_folder, test_data
     "model": ["dense", "mlp", "conv"],
     "trainer": ["cpu", "gpu", "ddp"],
     "experiment": ["notebook", "latent2", "conv32"],
