@@ -170,6 +170,20 @@ def test_unwritable_folder_falls_back_to_cache_dir(tmp_path, monkeypatch):
     message = str(err.value)
     assert "\n" not in message and str(root / CACHE_FOLDER) in message and str(tmp_path / "elsewhere") in message
     assert "data.cache_dir" in message and fallback.exists()
+    # two folders sharing a cache_dir each get their own folder in it: replacing one's stale cache keeps the other's
+    other = classes_folder(tmp_path / "other")
+    write(other / "cat" / "extra.png", size=(9, 9), value=3)
+
+    def no_folder_writable(path, data, stale_prefix):
+        if CACHE_FOLDER in path.parts:
+            raise PermissionError(13, "Permission denied", str(path))
+        real(path, data, stale_prefix)
+
+    monkeypatch.setattr(image_folder, "write_cache", no_folder_writable)
+    shared = tmp_path / "shared"
+    for folder in (root, other):
+        make(folder, tmp_path, cache_dir=str(shared)).setup()
+    assert len(list(shared.glob("*/*.pt"))) == 2 and len({p.parent for p in shared.glob("*/*.pt")}) == 2
 
 
 def test_corrupt_files_named_in_one_line(tmp_path):

@@ -208,12 +208,10 @@ class ImageFolder(TensorData):
         return root
 
     def cache_paths(self, root: Path, name: str) -> list[Path]:
-        """Where the cache may be: beside the data first, then cache_dir (or its default under data_dir)."""
-        if self.cache_dir is not None:
-            fallback = Path(self.cache_dir).expanduser()
-        else:
-            fallback = Path(self.data_dir) / "image_folder" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-        return [root / CACHE_FOLDER / name, fallback / name]
+        """Where the cache may be: beside the data first, then under cache_dir (default <data_dir>/image_folder), in a
+        folder of this data.path's own (a hash of it), so that replacing a stale cache never touches another folder's."""
+        base = Path(self.cache_dir).expanduser() if self.cache_dir is not None else Path(self.data_dir) / "image_folder"
+        return [root / CACHE_FOLDER / name, base / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16] / name]
 
     # -- the one-off work
 
