@@ -432,7 +432,9 @@ def test_rgb_pictures_are_logged_in_colour_at_the_image_size(rgb_run):
 
     run, _ = rgb_run
     acc = event_accumulator(run)
-    assert set(acc.Tags()["images"]) == set(EVERY_EPOCH) | {"reconstructions/test"}  # latent 8: the projector
+    assert set(acc.Tags()["images"]) == set(EVERY_EPOCH) | {"reconstructions/test", "traversals"}  # latent 8: the projector
+    traversal = logged(acc, "traversals")[-1][1].astype(float) / 255  # 8 units (latent 8), 32-pixel cells, in colour
+    assert traversal.shape[0] == 8 * (RGB_CELL + PAD) + PAD and np.abs(traversal[..., 0] - traversal[..., 2]).mean() > 0.01
     for tag, (rows, cols) in {**EVERY_EPOCH, "reconstructions/test": (2, 16)}.items():
         events = acc.Images(tag)
         assert sorted(e.step for e in events) == (RGB_STEPS if tag != "reconstructions/test" else [RGB_STEPS[-1]]), tag
