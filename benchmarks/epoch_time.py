@@ -33,7 +33,7 @@ from vaelab.module import elbo_loss
 from vaelab.networks import DenseDecoder, DenseEncoder
 from vaelab.train import train
 
-REPO = Path(CONF_DIR).parent
+REPO = Path(__file__).resolve().parents[1]
 LATENT = 256
 
 

@@ -7,6 +7,10 @@ composition needs.
 
 import os.path
 
-# conf/ sits at the repository root (editable install). An absolute path, because Hydra resolves a relative
-# one against the package when started through a console script.
-CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "conf")
+# The configs: a wheel carries conf/ inside the package (pyproject.toml maps it to vaelab/conf); an editable
+# checkout (or PYTHONPATH=src) reads the repository's top-level conf/. An absolute path, because Hydra resolves a
+# relative one against the package when started through a console script.
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+CONF_DIR = os.path.join(_PACKAGE_DIR, "conf")
+if not os.path.isdir(CONF_DIR):
+    CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(_PACKAGE_DIR)), "conf")
