@@ -84,25 +84,40 @@ def read_checkpoint(path: str | Path, key: str) -> dict:
     return checkpoint
 
 
-def network_class(target: Any, allowed: tuple[str, ...] = ()) -> type[torch.nn.Module]:
+def network_class(target: Any, allowed: tuple[str, ...] = (), key: str = "") -> type[torch.nn.Module]:
     """The class a `_target_` names, if it is a torch.nn.Module defined in an allowed module (or named in
-    `allowed`, which holds modules or classes); found without calling anything, else UserError."""
+    `allowed`, which holds modules or classes); found without calling anything, else UserError. For a name the
+    user allowed, the error says what is wrong with it (not importable, no such class, not a network)."""
     text = str(target)
     module_name, _, name = text.rpartition(".")
     modules = (*NETWORK_MODULES, *allowed)
-    in_allowed = lambda module: any(module == m or module.startswith(m + ".") for m in modules)  # noqa: E731
+    in_allowed = lambda module, among=modules: any(module == m or module.startswith(m + ".") for m in among)  # noqa: E731
     refusal = UserError(
         f"refusing to build {text!r}: a checkpoint may only build torch.nn.Module classes of "
         f"{', '.join(NETWORK_MODULES)} (or ones you allow with allow_networks=[<module or class>])"
     )
     if not module_name or not name.isidentifier() or not (in_allowed(module_name) or text in allowed):
         raise refusal
+    users = text in allowed or in_allowed(module_name, allowed)
+    where = f"{key}: " if key else ""
     try:
         module = importlib.import_module(module_name)  # only a module whose whole name is allowed is imported
-    except ImportError:
-        raise refusal from None
+    except ImportError as err:
+        if not users:
+            raise refusal from None
+        raise UserError(
+            f"{where}cannot build {text!r}: {module_name} cannot be imported ({type(err).__name__}: {one_line(err)}); "
+            f"install it, or add the folder that holds it to PYTHONPATH"
+        ) from None
     found = vars(module).get(name)  # this module's own attribute: no further lookups
-    if not (isinstance(found, type) and issubclass(found, torch.nn.Module) and (in_allowed(found.__module__) or text in allowed)):
+    network = isinstance(found, type) and issubclass(found, torch.nn.Module)
+    if users and found is None:
+        origin = f" ({module.__file__})" if getattr(module, "__file__", None) else ""
+        raise UserError(f"{where}cannot build {text!r}: the module {module_name}{origin} has no {name}")
+    if users and not network:
+        what = f"the class {found.__qualname__}" if isinstance(found, type) else f"a {type(found).__name__}"
+        raise UserError(f"{where}refusing to build {text!r}: it is {what}, not a network (a torch.nn.Module subclass)")
+    if not (network and (in_allowed(found.__module__) or text in allowed)):
         raise refusal
     return found
 

@@ -94,6 +94,9 @@ def hydra_message(err: Exception) -> str | None:
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     cause = err.__cause__
+    yaml_error = yaml_message(err)
+    if yaml_error:
+        return yaml_error
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group}={choice} is not a choice of {group}: choose one of {', '.join(err.options)}"
@@ -111,6 +114,19 @@ def hydra_message(err: Exception) -> str | None:
     if isinstance(err, CompactHydraException):
         return one_line(err) + (f" ({one_line(cause).split(' full_key:')[0]})" if cause else "")
     return None
+
+
+def yaml_message(err: Exception) -> str | None:
+    """A config file that is not valid YAML (a user's own, read while Hydra composes): the file, where, and what."""
+    import yaml
+
+    if not isinstance(err, yaml.MarkedYAMLError) or err.problem_mark is None:
+        return None
+    mark = err.problem_mark
+    context = f" ({err.context})" if err.context else ""
+    return (
+        f"{mark.name} is not valid YAML: {err.problem}{context} at line {mark.line + 1}, column {mark.column + 1}; fix that file"
+    )
 
 
 @contextlib.contextmanager

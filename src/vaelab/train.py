@@ -88,10 +88,7 @@ def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dic
             f"{key}: {path} holds no training state (optimizer and loop counters), so training cannot continue from it"
         )
     # The same rule as vaelab-eval's: only network classes, with plain data (the config's own are trusted).
-    own = tuple(
-        str(t) for t in (OmegaConf.select(cfg, "model.encoder._target_"), OmegaConf.select(cfg, "model.decoder._target_"))
-    )
-    check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own)
+    check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own_networks(cfg))
     loops = checkpoint.get("loops") or {}
     step = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped", checkpoint["global_step"])
     return checkpoint, ResumePoint(
@@ -101,6 +98,37 @@ def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dic
         saved_at=checkpoint.get("saved_at"),
         val_metrics=dict(checkpoint.get("val_metrics") or {}),
     )
+
+
+def own_networks(cfg: DictConfig) -> tuple[str, ...]:
+    """Every class the run's own config names under model.encoder and model.decoder (a user's own included): a
+    checkpoint of this run may build them, since the config names them, not the checkpoint."""
+    found: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            found.extend([str(node["_target_"])] if "_target_" in node else [])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    for key in ("model.encoder", "model.decoder"):
+        node = OmegaConf.select(cfg, key)
+        walk(OmegaConf.to_container(node, resolve=False) if isinstance(node, DictConfig) else None)
+    return tuple(found)
+
+
+def check_networks(cfg: DictConfig) -> None:
+    """The encoder and decoder the config names are importable network classes (a user's own config can name
+    anything): one line for a missing module or class, or a class that is not a torch.nn.Module."""
+    from vaelab.checkpoints import network_class
+
+    for key in ("model.encoder._target_", "model.decoder._target_"):
+        target = OmegaConf.select(cfg, key)
+        if target is not None:
+            network_class(target, (str(target),), key=f"{key}={target}")
 
 
 def fit_is_done(cfg: DictConfig, point: ResumePoint | None) -> bool:
@@ -113,6 +141,7 @@ def fit_is_done(cfg: DictConfig, point: ResumePoint | None) -> bool:
 def prepare(cfg: DictConfig) -> Start:
     """Every check before work starts: the settings and the checkpoint to start from. Nothing is written here."""
     schema.check(cfg, "train")
+    check_networks(cfg)
     run_dir = Path(cfg.paths.output_dir)
     rundir.lock(run_dir)
     if cfg.get("ckpt_path") in (None, ""):
@@ -135,6 +164,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     rundir.open_session(run_dir)
     cfg = rundir.resumed(run_dir, overrides)
     schema.check(cfg, "train")
+    check_networks(cfg)
     overrides = tuple(overrides)
     newest = rundir.newest_checkpoint(run_dir, cfg)
     if newest is None:  # killed before its first checkpoint: it starts again, in place
