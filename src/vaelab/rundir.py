@@ -47,6 +47,9 @@ OUTPUTS = (
     "interpolation.png",
     "generate.log",
     "job_status.json",
+    "csv",
+    "mlruns",
+    "wandb",
 )
 SWEEP_OUTPUTS = ("multirun.yaml", "summary.csv", "summary.md")
 COMMANDS = {"vaelab-train": "train", "vaelab-eval": "eval", "vaelab-generate": "generate"}
@@ -321,3 +324,32 @@ def first_step_logged_after(log_dir: Path, point: ResumePoint) -> int | None:
         if event.HasField("summary") and event.wall_time > point.saved_at and event.step >= point.step
     ]
     return min(later, default=None)
+
+
+def csv_rows_logged_before(path: Path, point: ResumePoint) -> list[tuple[int, dict[str, float]]]:
+    """The rows of a CSVLogger's metrics.csv logged before the checkpoint a run resumes from (step, metrics); none
+    when it restarts from scratch. A value that does not read as a number is left out (the file is untrusted)."""
+    import csv
+
+    if point.path is None or not path.is_file():
+        return []
+
+    def number(text: str) -> float:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+
+    rows = []
+    with path.open(newline="") as file:
+        for row in csv.DictReader(file):
+            try:
+                step = int(row.pop("step"))
+            except (KeyError, TypeError, ValueError):
+                continue
+            metrics = {}
+            for key, text in row.items():
+                try:
+                    metrics[key] = number(text)
+                except (TypeError, ValueError):  # empty: not logged in that row
+                    pass
+            if step < point.step and metrics:
+                rows.append((step, metrics))
+    return rows

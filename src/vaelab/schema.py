@@ -345,6 +345,34 @@ def check_combinations(cfg: DictConfig) -> None:
         )
 
 
+# The loggers that need a package vaelab does not install by itself: the class -> (what it is called, the
+# distributions that provide it, the pyproject extra that installs it).
+LOGGER_EXTRAS = {
+    "MLFlowLogger": ("MLflow", ("mlflow", "mlflow-skinny"), "mlflow"),
+    "WandbLogger": ("Weights & Biases (wandb)", ("wandb",), "wandb"),
+}
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Every logger's package is installed (read from the installed distributions: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> bool:
+        try:
+            return bool(version(name))
+        except PackageNotFoundError:
+            return False
+
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        needs = LOGGER_EXTRAS.get(target.rpartition(".")[2])
+        if needs and not any(installed(dist) for dist in needs[1]):
+            raise UserError(
+                f"logger.{name} ({target}) needs {needs[0]}, which is not installed: pip install 'vaelab[{needs[2]}]' "
+                f"(or choose loggers without it, e.g. logger=tensorboard)"
+            )
+
+
 def check(cfg: DictConfig, command: str) -> None:
     """Raise UserError for the first setting outside what it allows (in the order of RULES), or a combination
     that does not go together."""
@@ -368,6 +396,7 @@ def check(cfg: DictConfig, command: str) -> None:
             raise refuse(key, value, rule)
     if command == "train":
         check_combinations(cfg)
+        check_loggers(cfg)
 
 
 def type_message(full_key: str, err: OmegaConfBaseException) -> str:

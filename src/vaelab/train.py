@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,17 +181,36 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     return Start(cfg, run_dir, checkpoint, point, overrides, resumed=True)
 
 
-def logger_kwargs(logger_cfg: DictConfig, point: ResumePoint | None) -> dict:
-    """A resumed run's TensorBoard logger purges what the interrupted run logged after its checkpoint."""
-    if point is None:
-        return {}
-    from hydra.utils import get_class
-    from pytorch_lightning.loggers import TensorBoardLogger
+def build_logger(name: str, node: DictConfig, point: ResumePoint | None):
+    """One of the run's loggers. Resumed, TensorBoard purges what the interrupted run logged after its checkpoint,
+    and CSV keeps the rows logged before it (Lightning's CSVLogger would start metrics.csv afresh); MLflow and W&B
+    start a new run of their own. MLflow 3 asks to opt into a local file store (the default: <run dir>/mlruns)."""
+    from urllib.parse import urlparse
 
-    if not issubclass(get_class(logger_cfg._target_), TensorBoardLogger):
-        return {}
-    purge_step = rundir.first_step_logged_after(Path(instantiate(logger_cfg).log_dir), point)  # building it writes nothing
-    return {} if purge_step is None else {"purge_step": purge_step}
+    from hydra.utils import get_object
+    from pytorch_lightning.loggers import CSVLogger, MLFlowLogger, TensorBoardLogger
+
+    key = f"logger.{name}"
+    try:
+        target = get_object(str(node._target_))
+    except Exception:  # build() below says what is wrong with it, in one line
+        target = None
+    is_a = lambda kind: isinstance(target, type) and issubclass(target, kind)  # noqa: E731
+    if is_a(MLFlowLogger) and urlparse(str(node.get("tracking_uri") or "")).scheme in ("", "file"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    if point is None:
+        return build(node, key)
+    if is_a(TensorBoardLogger):
+        purge_step = rundir.first_step_logged_after(Path(instantiate(node).log_dir), point)  # building it writes nothing
+        return build(node, key, **({} if purge_step is None else {"purge_step": purge_step}))
+    if is_a(CSVLogger):
+        rows = rundir.csv_rows_logged_before(Path(instantiate(node).log_dir) / "metrics.csv", point)
+        logger = build(node, key)
+        for step, metrics in rows:
+            logger.experiment.log_metrics(metrics, step)
+        logger.save()  # at once: the writer has just removed the old file
+        return logger
+    return build(node, key)
 
 
 @contextlib.contextmanager
@@ -241,9 +261,7 @@ def run(start: Start) -> dict[str, float]:
     model: pl.LightningModule = build(cfg.model, "model")
     if start.checkpoint is not None:
         check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
-    loggers = [
-        build(c, f"logger.{name}", **logger_kwargs(c, point)) for name, c in (cfg.get("logger") or {}).items() if c is not None
-    ]
+    loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
     if start.resumed:  # recorded only now: a resume refused by any check above leaves the run as it was
@@ -270,6 +288,10 @@ def run(start: Start) -> dict[str, float]:
             for logger in trainer.loggers:
                 if isinstance(logger, pl.loggers.TensorBoardLogger):
                     write_hparams(logger, hparams_of(cfg), metrics)
+                else:  # MLflow's params and metrics, CSV's hparams.yaml and a last metrics.csv row, W&B's config and summary
+                    logger.log_hyperparams(hparams_of(cfg))
+                    logger.log_metrics(metrics, step=trainer.global_step)
+                    logger.finalize("success")  # written out (Lightning finalized them after the test: once more)
             report = {
                 "likelihood": hparams_of(cfg)["likelihood"],
                 "binarize": hparams_of(cfg)["binarize"],
