@@ -77,6 +77,12 @@ def test_a_cache_of_another_shape_is_not_trusted(tmp_path, caplog):
 
 
 class OneClass(TensorData):
+    """20 random 8x8 images, all of class 0 (like a folder of images without subfolders)."""
+
+    def __init__(self, dataset: str = "OneClass", **kwargs):
+        super().__init__(**kwargs)
+        self.dataset = dataset
+
     def load(self):
         split = (torch.rand(20, 1, 8, 8), torch.zeros(20, dtype=torch.long))
         return split, split, split
