@@ -272,14 +272,18 @@ def test_vaelab_eval_prepares_the_data_as_the_checkpoint_was_trained(tmp_path):
     train_run(run, "epochs=1", "latent_dim=8", "data.binarize=dynamic", "model.eval_iwae_samples=2")
     ckpt = run / "checkpoints" / "last.ckpt"
     common = [f"ckpt_path={ckpt}", "num_images=200", "num_importance_samples=10", "noise_levels=[0]"]
-    common += ["linear_probe.enabled=false", "frechet.enabled=false"]
-    run_cli(*common, f"hydra.run.dir={tmp_path / 'as-trained'}", tool="vaelab-eval")
+    measures = [*QUICK_MEASURES, f"classifier.cache_dir={tmp_path / 'classifier'}"]
+    run_cli(*common, *measures, f"hydra.run.dir={tmp_path / 'as-trained'}", tool="vaelab-eval")
     result = json.loads((tmp_path / "as-trained" / "eval.json").read_text())
+    # the probe sees binary images, as the model did; the classifier and the Fréchet distance's real side see grey levels
+    assert result["linear_probe_accuracy"] > result["linear_probe"]["chance"] + 0.2
+    assert result["frechet"]["train_vs_test"] < 0.1 * result["frechet_distance"]
     assert result["binarize"] == "dynamic" and result["likelihood"] == "bernoulli"
     assert result["notes"][0] == "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"
     assert not any("although the model was trained" in note for note in result["notes"])
     assert result["nll_iwae_bpd"] == pytest.approx(result["nll_iwae"] / (784 * math.log(2)))
-    run_cli(*common, "data.binarize=none", f"hydra.run.dir={tmp_path / 'grey'}", tool="vaelab-eval")
+    off = ["linear_probe.enabled=false", "frechet.enabled=false"]
+    run_cli(*common, *off, "data.binarize=none", f"hydra.run.dir={tmp_path / 'grey'}", tool="vaelab-eval")
     grey = json.loads((tmp_path / "grey" / "eval.json").read_text())
     assert grey["binarize"] == "none" and grey["notes"][0].startswith("nats per image; Bernoulli on grey levels, not a density")
     assert "evaluated on data.binarize=none as asked, although the model was trained on dynamic" in grey["notes"]

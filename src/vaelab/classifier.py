@@ -79,11 +79,7 @@ class Features(nn.Module):
 def features(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
     """The penultimate-layer features of images in [0, 1], (N, num_features)."""
     model.eval()
-    return (
-        torch.cat([model.body(x.float()) for x in images.split(batch_size)])
-        if len(images)
-        else images.new_zeros(0, model.num_features)
-    )
+    return torch.cat([model.body(x.float()) for x in images.split(batch_size)])
 
 
 @torch.no_grad()

@@ -198,6 +198,8 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
         probe = cfg.linear_probe
         count = len(train_x) if probe.train_images is None else min(int(probe.train_images), len(train_x))
         x, y, tx, ty = train_x[:count].to(device), train_y[:count].to(device), test_x.to(device), test_y.to(device)
+        if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
+            x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
         settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
         codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator)
         test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator)
