@@ -242,7 +242,7 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
         result["frechet"] = {
             **distances,
             "num_samples": n,
-            "features": "the penultimate layer (128 units) of vaelab's classifier of this data, not Inception v3",
+            "features": f"the penultimate layer ({model.num_features} units) of vaelab's classifier of this data, not Inception v3",
             "classifier_test_accuracy": accuracy,
             "classifier_train_images": len(train_x) if spec.train_images is None else min(int(spec.train_images), len(train_x)),
             "classifier_seconds": round(classifier_seconds, 2),
