@@ -191,10 +191,12 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
             "labelled images: for a folder of images, one subfolder per class)"
         )
         return result
-    generator = torch.Generator(device=device).manual_seed(int(cfg.seed))  # its own: the figures above stay as they were
+
+    def seeded() -> torch.Generator:  # one of its own for each figure: each is the same whether the others run or not
+        return torch.Generator(device=device).manual_seed(int(cfg.seed))
 
     if cfg.linear_probe.enabled:
-        started = time.perf_counter()
+        started, generator = time.perf_counter(), seeded()
         probe = cfg.linear_probe
         count = len(train_x) if probe.train_images is None else min(int(probe.train_images), len(train_x))
         x, y, tx, ty = train_x[:count].to(device), train_y[:count].to(device), test_x.to(device), test_y.to(device)
@@ -215,7 +217,7 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
         }
 
     if cfg.frechet.enabled:
-        started = time.perf_counter()
+        started, generator = time.perf_counter(), seeded()
         if cfg.data.get("binarize", "none") != "none":  # the classifier and the real side: grey levels
             datamodule = build(cfg.data, "data", binarize="none")
             train_x, _ = training_data(datamodule)
