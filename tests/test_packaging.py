@@ -90,9 +90,11 @@ def test_installed_commands_run_from_any_directory(venv, tmp_path):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     env = {"VAELAB_ROOT": str(root), "VAELAB_DATA_DIR": str(anywhere / "data")}
     args = [f"ckpt_path={checkpoint}", "num_images=100", "num_importance_samples=2", "noise_levels=[0]"]
+    args += ["linear_probe.train_images=1000", "frechet.num_samples=100", "classifier.train_images=1000", "classifier.epochs=1"]
     run([str(venv / "bin" / "vaelab-eval"), *args], cwd=elsewhere, env=env)
     [eval_dir] = (root / "outputs" / "eval").glob("*/*")
     assert json.loads((eval_dir / "eval.json").read_text())["nll_iwae"] > 0
+    assert json.loads((eval_dir / "eval.json").read_text())["frechet_distance"] > 0  # torchmetrics, with the classifier
     assert list(elsewhere.iterdir()) == []  # nothing in the directory it ran from, no second data cache
     assert sorted(p.name for p in root.iterdir()) == ["outputs"]
 

@@ -43,8 +43,32 @@ def test_hparams_tab_has_the_settings_and_final_val_loss(trained_run):
     assert values["latent_dim"] == 16 and values["epochs"] == 2 and values["noise_factor"] == pytest.approx(0.3)
     assert values["batch_size"] == 64 and values["model"] == "dense" and values["beta"] == 1 and values["seed"] == 42
     assert values["lr"] == pytest.approx(1e-3)
-    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert "val/loss" in [m.name.tag for m in experiment.metric_infos]
+    experiment = experiment_of(trained_run)
+    assert [m.name.tag for m in experiment.metric_infos][:5] == [
+        "test/nelbo",
+        "test/nll_iwae",
+        "val/loss",
+        "test/recon",
+        "test/kl",
+    ]
+    assert {"val/loss", "val/nll_iwae", "train/loss"} <= {m.name.tag for m in experiment.metric_infos}
+    # every setting of the run is declared, and the tab opens with the headline ones ticked
+    assert {h.name for h in experiment.hparam_infos} == set(values)
+    assert opened_with(experiment) == ["epochs", "latent_dim", "lr", "model", "noise_factor"]
+
+
+def experiment_of(run_dir):
+    """The hparams plugin's experiment as TensorBoard reads it from the run's event files."""
+    content = event_accumulator(run_dir).PluginTagToContent("hparams")
+    return plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+
+
+def opened_with(experiment) -> list[str]:
+    """The settings the HPARAMS tab ticks when it opens: the plugin's backend orders them by (not differs, name)
+    (tensorboard/plugins/hparams/backend_context.py, _sort_and_reduce_to_hparams_limit) and the page ticks the
+    first five (tf-hparams-query-pane, _computeHParams)."""
+    ordered = sorted(experiment.hparam_infos, key=lambda info: (not info.differs, info.name))
+    return [info.name for info in ordered[:5]]
 
 
 def test_checkpoint_rebuilds_the_model_weights_only(trained_run):
@@ -104,7 +128,7 @@ def test_missing_data_fails_before_training_naming_three_ways(tmp_path):
     assert not (run / "checkpoints").exists()
 
 
-def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp_path):
+def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp_path, trained_run):
     """Dynamically binarized data, a KL warm-up: metrics.json and the HPARAMS tab say what the figures are."""
     run = tmp_path / "binary"
     train_run(run, "epochs=2", "latent_dim=8", "data.binarize=dynamic", "model.kl_warmup_epochs=2", "model.eval_iwae_samples=5")
@@ -120,6 +144,8 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert values["likelihood"] == "bernoulli" and values["binarize"] == "dynamic" and values["kl_warmup_epochs"] == 2
+    # other settings, other metrics logged (train/beta, val/nll_iwae): the same columns as every other run
+    assert experiment_of(run) == experiment_of(trained_run)
 
 
 def test_the_default_figures_say_they_are_not_a_density(trained_run):

@@ -5,7 +5,9 @@
       -log p(x) ~ -log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x),   z_k ~ q(z|x),
   computed with logsumexp; it is never above the negative ELBO in expectation and tightens as K grows;
 - active units: latent dimensions u with Var_x(E_q[z_u|x]) > threshold (Burda et al.);
-- the reconstruction error of noisy inputs against the clean images, for each noise level.
+- the reconstruction error of noisy inputs against the clean images, for each noise level;
+- a linear probe of the posterior means and Fréchet distances of samples and reconstructions (vaelab.measures), in
+  the feature space of a small classifier trained once per dataset and cached (vaelab.classifier).
 
 q(z|x) is N(mu, exp(logvar)) from the encoder. A checkpoint trained with the notebook's objective samples
 z = mu + exp(logvar) * eps * 0.1 instead; its likelihood is evaluated for the proper posterior N(mu, exp(logvar)),
@@ -22,8 +24,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, open_dict
 
-from vaelab import rundir, schema
+from vaelab import measures, rundir, schema
 from vaelab.checkpoints import load_vae
+from vaelab.classifier import load_or_train_classifier, training_data
 from vaelab.errors import UserError, build, recorded
 from vaelab.files import atomic_write
 from vaelab.hardware import resolve_device
@@ -170,6 +173,91 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     }
 
 
+def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.device) -> dict:
+    """linear_probe_accuracy and frechet_distance with what they need to be read (vaelab.measures), on the first
+    `num_images` test images; null, with a note saying why, where they are off or the data has no classes."""
+    result: dict = {"linear_probe_accuracy": None, "frechet_distance": None, "notes": []}
+    for key in ("linear_probe", "frechet"):
+        if not cfg[key].enabled:
+            result["notes"].append(f"{key}: off ({key}.enabled=false)")
+    if not (cfg.linear_probe.enabled or cfg.frechet.enabled):
+        return result
+    datamodule = build(cfg.data, "data")  # data.binarize as the model was trained (test_images resolved it)
+    train_x, train_y = training_data(datamodule)
+    test_x, test_y = (t[:num_images] for t in datamodule.test_set)
+    if int(torch.cat([train_y, test_y]).unique().numel()) < 2:
+        result["notes"].append(
+            f"no linear probe and no Fréchet distance: data={cfg.data.dataset} has fewer than two classes (they need "
+            "labelled images: for a folder of images, one subfolder per class)"
+        )
+        return result
+
+    def seeded() -> torch.Generator:  # one of its own for each figure: each is the same whether the others run or not
+        return torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+    if cfg.linear_probe.enabled:
+        started, generator = time.perf_counter(), seeded()
+        probe = cfg.linear_probe
+        count = len(train_x) if probe.train_images is None else min(int(probe.train_images), len(train_x))
+        x, y, tx, ty = train_x[:count].to(device), train_y[:count].to(device), test_x.to(device), test_y.to(device)
+        if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
+            x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
+        settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
+        codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator)
+        test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator)
+        result["linear_probe_accuracy"] = measures.linear_probe(codes, y, test_codes, ty, **settings)
+        result["linear_probe"] = {
+            "chance": measures.chance_level(ty),
+            "raw_pixels_accuracy": measures.linear_probe(x, y, tx, ty, **settings),
+            "features": "posterior means E_q[z|x] (raw_pixels: the images themselves), standardised",
+            "train_images": count,
+            "test_images": len(ty),
+            **settings,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+
+    if cfg.frechet.enabled:
+        started, generator = time.perf_counter(), seeded()
+        if cfg.data.get("binarize", "none") != "none":  # the classifier and the real side: grey levels
+            datamodule = build(cfg.data, "data", binarize="none")
+            train_x, _ = training_data(datamodule)
+            test_x = datamodule.test_set[0][:num_images]
+        spec = cfg.classifier
+        model, accuracy = load_or_train_classifier(
+            datamodule, int(spec.epochs), int(spec.seed), spec.train_images, spec.cache_dir, device
+        )
+        classifier_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        n = min(int(cfg.frechet.num_samples), len(test_x))
+        real = test_x[:n].to(device)
+        distances = measures.frechet_distances(
+            model,
+            real,
+            {
+                "samples": measures.prior_samples(vae, n, int(cfg.batch_size), generator),
+                "reconstructions": measures.reconstructions(vae, real, int(cfg.batch_size), generator),
+                "train_vs_test": train_x[:n].to(device),
+            },
+            int(cfg.batch_size),
+        )
+        result["frechet_distance"] = distances.pop("samples")
+        result["frechet"] = {
+            **distances,
+            "num_samples": n,
+            "features": f"the penultimate layer ({model.num_features} units) of vaelab's classifier of this data, not Inception v3",
+            "classifier_test_accuracy": accuracy,
+            "classifier_train_images": len(train_x) if spec.train_images is None else min(int(spec.train_images), len(train_x)),
+            "classifier_seconds": round(classifier_seconds, 2),
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        result["notes"].append(
+            "frechet_distance: prior samples (the decoder's mean images) against the first num_samples test images "
+            "(grey levels); frechet.reconstructions: the mean images of their posterior means; frechet.train_vs_test: "
+            "as many training images, the floor"
+        )
+    return result
+
+
 def summary(result: dict) -> str:
     m = result["model"]
     lines = [
@@ -183,8 +271,21 @@ def summary(result: dict) -> str:
         "  noise std   recon nats   MSE/pixel",
     ]
     lines += [f"  {r['noise_level']:9.2f}   {r['recon_nats']:10.2f}   {r['mse']:9.5f}" for r in result["noisy_inputs"]]
+    if result.get("linear_probe_accuracy") is not None:
+        probe = result["linear_probe"]
+        lines.append(
+            f"  linear probe   {result['linear_probe_accuracy']:9.4f}  (raw pixels {probe['raw_pixels_accuracy']:.4f}, "
+            f"chance {probe['chance']:.4f}; {probe['train_images']} training images)"
+        )
+    if result.get("frechet_distance") is not None:
+        f = result["frechet"]
+        lines.append(
+            f"  Fréchet dist.  {result['frechet_distance']:9.2f}  (reconstructions {f['reconstructions']:.2f}, "
+            f"training images {f['train_vs_test']:.2f}; {f['num_samples']} images, {f['seconds']:.1f} s; "
+            f"classifier accuracy {f['classifier_test_accuracy']:.4f})"
+        )
     if m["objective"] == "notebook":
-        lines.append("  note: " + result["notes"][-1])
+        lines.append("  note: " + next(n for n in result["notes"] if n.startswith("objective=notebook")))
     return "\n".join(lines)
 
 
@@ -221,6 +322,8 @@ def run(cfg: DictConfig) -> dict:
     if cfg.num_images is not None:
         images = images[: int(cfg.num_images)]
     result = evaluate(vae, images.to(device), cfg, device)
+    extra = probe_and_frechet(vae, cfg, len(images), device)
+    result = {**result, **extra, "notes": result["notes"] + extra["notes"]}
     title = (
         f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
         f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})"

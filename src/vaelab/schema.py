@@ -74,12 +74,37 @@ class Inspect(Command):
 
 
 @dataclass
+class LinearProbe:
+    enabled: bool = MISSING
+    train_images: Optional[int] = MISSING
+    max_iter: int = MISSING
+    weight_decay: float = MISSING
+
+
+@dataclass
+class Frechet:
+    enabled: bool = MISSING
+    num_samples: int = MISSING
+
+
+@dataclass
+class ClassifierSettings:
+    epochs: int = MISSING
+    seed: int = MISSING
+    train_images: Optional[int] = MISSING
+    cache_dir: Optional[str] = MISSING
+
+
+@dataclass
 class Eval(Inspect):
     num_importance_samples: Optional[int] = MISSING
     pairs_per_pass: int = MISSING
     num_images: Optional[int] = MISSING
     noise_levels: list[float] = MISSING
     active_unit_threshold: float = MISSING
+    linear_probe: LinearProbe = MISSING
+    frechet: Frechet = MISSING
+    classifier: ClassifierSettings = MISSING
 
 
 @dataclass
@@ -231,6 +256,25 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         ),
         "active_unit_threshold": (None, at_least(0, "0.01")),
         "seed": (None, INTEGER),
+        "linear_probe.enabled": (None, BOOL),
+        "linear_probe.train_images": (
+            None,
+            Rule(lambda v: v is None or (_int(v) and v >= 2), "an integer >= 2 or null (all training images)", "10000"),
+        ),
+        "linear_probe.max_iter": (None, like(POSITIVE_INT, "100")),
+        "linear_probe.weight_decay": (None, at_least(0, "1e-4")),
+        "frechet.enabled": (None, BOOL),
+        "frechet.num_samples": (
+            None,
+            Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (a covariance needs two images)", "10000"),
+        ),
+        "classifier.epochs": (None, like(POSITIVE_INT, "3")),
+        "classifier.seed": (None, INTEGER),
+        "classifier.train_images": (
+            None,
+            Rule(lambda v: v is None or (_int(v) and v >= 2), "an integer >= 2 or null (the whole training split)", "null"),
+        ),
+        "classifier.cache_dir": (None, Rule(lambda v: v is None or (isinstance(v, str) and v != ""), "a folder or null", "null")),
         **DATA_RULES,
         "data.binarize": (None, INSPECT_BINARIZE),
     },
