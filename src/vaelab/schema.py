@@ -201,6 +201,7 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "model.eval_iwae_samples": (None, like(POSITIVE_INT, "10")),
         "model.val_iwae_every_n_epochs": (None, Rule(lambda v: _int(v) and v >= 0, "an integer >= 0 (0: never)", "50")),
         "model.denoise": ("denoise", BOOL),
+        "model.conditional": (None, BOOL),
         "seed": (None, like(INTEGER, "42")),
         "threads": (None, OPTIONAL_POSITIVE_INT),
         "test_after_fit": (None, BOOL),
