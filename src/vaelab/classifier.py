@@ -1,0 +1,236 @@
+"""A small CNN classifier of the data's images, trained once and cached beside the data: the feature space of
+vaelab-eval's Fréchet distance and the judge of which class a generated image shows.
+
+Inception v3 (the usual FID features) cannot be downloaded here and does not suit 28x28 grey images, so vaelab
+trains its own: two 3x3 convolutions with max-pooling, a 128-unit hidden layer (the features) and a linear head,
+a few epochs of Adam on the whole training split (train + val of the data module; the test split is only scored).
+Seeded: the same data and settings give the same weights. Any channel count and image size work (the layers take
+theirs from the data); the images are in [0, 1], as the data modules hold them.
+
+The cache, `<data_dir>/classifier/<dataset>-<C>x<H>x<W>-<hash>.pt`, holds plain data only (a state_dict, numbers,
+strings), so it loads with torch.load(weights_only=True); the hash covers the settings and the training images and
+labels themselves, so other data (another folder of images, binarized images) gets its own classifier. A cache that
+cannot be read or does not fit is retrained and replaced, with one line in the log saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vaelab.errors import UserError, one_line
+from vaelab.files import atomic_write
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the architecture or the training changes: old caches are then not found
+NUM_FEATURES = 128  # the penultimate layer, the Fréchet distance's feature space
+EPOCHS = 3
+BATCH_SIZE = 128
+LR = 2e-3
+
+
+class Classifier(nn.Module):
+    """conv 3x3 (16) - ReLU - maxpool 2 - conv 3x3 (32) - ReLU - maxpool 2 - linear (128) - ReLU | linear (classes)."""
+
+    def __init__(self, image_shape: tuple[int, int, int], num_classes: int, width: int = 16, num_features: int = NUM_FEATURES):
+        super().__init__()
+        channels, height, width_px = image_shape
+        self.image_shape, self.num_classes = tuple(image_shape), int(num_classes)
+        self.num_features = int(num_features)  # torchmetrics' FID reads this instead of probing with a dummy image
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(2 * width * (height // 4) * (width_px // 4), num_features),
+            nn.ReLU(),
+        )
+        self.head = nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Class logits."""
+        return self.head(self.body(x))
+
+
+class Features(nn.Module):
+    """The classifier's penultimate layer as a module of its own: torchmetrics' FID takes a feature extractor that
+    maps images (N, C, H, W) in [0, 1] to (N, num_features)."""
+
+    def __init__(self, classifier: Classifier):
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.body(x.float())
+
+
+@torch.no_grad()
+def features(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The penultimate-layer features of images in [0, 1], (N, num_features)."""
+    model.eval()
+    return (
+        torch.cat([model.body(x.float()) for x in images.split(batch_size)])
+        if len(images)
+        else images.new_zeros(0, model.num_features)
+    )
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """The most likely class of each image, int64 (N,)."""
+    model.eval()
+    return torch.cat([model(x.float()).argmax(dim=1) for x in images.split(batch_size)])
+
+
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predict(model, images) == labels.to(images.device)).double().mean().item()
+
+
+def training_data(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole training split of a vaelab data module: its train and val parts together (the classifier has no
+    use for a validation set, and the VAE's validation images are training images of the dataset)."""
+    datamodule.setup("fit")
+    (train_x, train_y), (val_x, val_y) = datamodule.train_set, datamodule.val_set
+    return torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
+
+
+def fingerprint(images: torch.Tensor, labels: torch.Tensor, settings: dict) -> str:
+    """A short hash of the settings and of the training images (as 8-bit levels) and labels."""
+    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
+    digest.update(images.mul(255).round().to(torch.uint8).cpu().numpy().tobytes())
+    digest.update(labels.cpu().numpy().astype("int64").tobytes())
+    return digest.hexdigest()[:16]
+
+
+def train(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+    batch_size: int = BATCH_SIZE,
+    lr: float = LR,
+) -> Classifier:
+    """Adam on the cross-entropy; the initial weights and each epoch's order come from `seed` alone."""
+    from vaelab.data import seeded_order
+
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random state untouched
+        torch.manual_seed(seed)
+        model = Classifier(tuple(images.shape[1:]), num_classes).to(images.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for epoch in range(epochs):
+        for batch in seeded_order(len(images), seed * 1_000 + epoch).to(images.device).split(batch_size):
+            loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def cache_dir_of(datamodule) -> Path:
+    return Path(getattr(datamodule, "data_dir", "data")) / "classifier"
+
+
+def read_cache(path: Path, image_shape: tuple[int, int, int], device: torch.device) -> tuple[Classifier, dict] | None:
+    """The cached classifier and its record, or None (with one line in the log) when the file is damaged or foreign."""
+    if not path.is_file():
+        return None
+    try:
+        record = torch.load(path, map_location=device, weights_only=True)
+        if not isinstance(record, dict) or record.get("version") != CACHE_VERSION:
+            raise ValueError(f"version {record.get('version') if isinstance(record, dict) else '?'}, expected {CACHE_VERSION}")
+        if tuple(record["image_shape"]) != tuple(image_shape):
+            raise ValueError(f"image shape {tuple(record['image_shape'])}, expected {tuple(image_shape)}")
+        model = Classifier(tuple(record["image_shape"]), int(record["num_classes"])).to(device)
+        model.load_state_dict(record["state_dict"])  # strict: every weight there, each of the right shape
+        float(record["test_accuracy"])
+    except Exception as err:  # truncated, not a torch file, foreign or of another version: trained again
+        log.warning(
+            "classifier: the cache %s is damaged (%s: %s); training it again", path, type(err).__name__, one_line(err)[:200]
+        )
+        return None
+    return model.eval(), record
+
+
+def load_or_train_classifier(
+    datamodule,
+    epochs: int = EPOCHS,
+    seed: int = 0,
+    train_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[Classifier, float]:
+    """The classifier of this data module's images and its accuracy on the test split: read from the cache, or
+    trained (on the first `train_size` training images, all when None) and cached.
+
+    `datamodule` is a vaelab data module (it is set up here) or a data_dir holding Fashion-MNIST's IDX files.
+    The cache is in `cache_dir`, by default `<data_dir>/classifier/`.
+    """
+    if isinstance(datamodule, (str, Path)):
+        from vaelab.data import MNISTLike
+
+        datamodule = MNISTLike(dataset="FashionMNIST", data_dir=str(datamodule))
+    images, labels = training_data(datamodule)
+    datamodule.setup("test")
+    test_images, test_labels = datamodule.test_set
+    device = torch.device(device) if device is not None else images.device
+    if train_size is not None:
+        images, labels = images[: int(train_size)], labels[: int(train_size)]
+    num_classes = int(max(labels.max(), test_labels.max())) + 1 if len(labels) else 0
+    if num_classes < 2:
+        raise UserError(
+            f"data={getattr(datamodule, 'dataset', '?')} has {num_classes} class(es): the classifier needs labelled images of "
+            "at least two classes (for a folder of images, one subfolder per class)"
+        )
+    image_shape = tuple(images.shape[1:])
+    settings = {"epochs": int(epochs), "seed": int(seed), "batch_size": BATCH_SIZE, "lr": LR, "version": CACHE_VERSION}
+    name = (
+        f"{getattr(datamodule, 'dataset', 'data')}-{'x'.join(map(str, image_shape))}-{fingerprint(images, labels, settings)}.pt"
+    )
+    path = Path(cache_dir) if cache_dir is not None else cache_dir_of(datamodule)
+    path = path / name
+    cached = read_cache(path, image_shape, device)
+    if cached is not None:
+        model, record = cached
+        log.info("classifier: %s (test accuracy %.4f)", path, record["test_accuracy"])
+        return model, float(record["test_accuracy"])
+
+    started = time.perf_counter()
+    model = train(images.to(device), labels.to(device), num_classes, epochs, seed)
+    seconds = time.perf_counter() - started
+    test_accuracy = accuracy(model, test_images.to(device), test_labels)
+    record = {
+        "version": CACHE_VERSION,
+        "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
+        "image_shape": list(image_shape),
+        "num_classes": num_classes,
+        "classes": list(getattr(datamodule, "classes", None) or []),
+        "dataset": str(getattr(datamodule, "dataset", "")),
+        "train_images": len(images),
+        "test_accuracy": test_accuracy,
+        "train_seconds": round(seconds, 2),
+        **settings,
+    }
+    buffer = io.BytesIO()
+    torch.save(record, buffer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, buffer.getvalue())
+    except OSError as err:  # the classifier still serves this run; the next one trains it again
+        log.warning("classifier: cannot write the cache %s (%s); it is trained again next time", path, err.strerror or err)
+    log.info(
+        "classifier: trained on %d images in %.1f s, test accuracy %.4f, cached in %s", len(images), seconds, test_accuracy, path
+    )
+    return model, test_accuracy
