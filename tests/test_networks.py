@@ -157,4 +157,3 @@ def test_conditional_networks_take_the_one_hot_label_at_their_first_linear_layer
             assert torch.allclose(as_vector[0] if isinstance(as_vector, tuple) else as_vector, out3)
     with pytest.raises(ValueError, match="needs the labels"):
         decoder(z)
-
