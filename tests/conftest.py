@@ -88,6 +88,28 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+# The short conditional run the conditional tests share: one epoch of 300 batches of 128 of an mlp VAE with a 2-D
+# latent space (a small latent space leans on the label), 20 samples per class in samples/by_class.
+CONDITIONAL_RUN = [
+    "model=mlp",
+    "latent_dim=2",
+    "model.conditional=true",
+    "lr=3e-3",
+    "batch_size=128",
+    "trainer.limit_train_batches=300",
+    "epochs=1",
+    "callbacks.samples.ncols=20",
+]
+
+
+@pytest.fixture(scope="session")
+def conditional_run(tmp_path_factory) -> Path:
+    """One short real conditional training run (model.conditional=true) shared by the read-only tests."""
+    run_dir = tmp_path_factory.mktemp("conditional") / "run"
+    train_run(run_dir, *CONDITIONAL_RUN)
+    return run_dir
+
+
 @pytest.fixture
 def compose(tmp_path):
     """Compose conf/train.yaml as vaelab-train would, with overrides, paths pointed into tmp_path."""

@@ -398,3 +398,38 @@ def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_clas
     assert fid["floor"] < 0.01 * fid["trained"]
     assert fid["trained"] < 0.8 * fid["untrained"] and fid["untrained"] - fid["trained"] > 50
     assert fid["again"] == fid["trained"] and fid["other_seed"] != fid["trained"]
+
+
+def test_vaelab_eval_conditions_a_conditional_model_on_the_true_labels_and_says_so(tmp_path, conditional_run):
+    """eval.json and the summary say the figures are conditioned on the true test labels, and they are: the same
+    images under the wrong labels are less likely."""
+    from vaelab.checkpoints import load_vae
+    from vaelab.data import MNISTLike
+
+    ckpt = conditional_run / "checkpoints" / "last.ckpt"
+    proc = run_cli(
+        f"ckpt_path={ckpt}",
+        "num_images=200",
+        "num_importance_samples=10",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        *QUICK_MEASURES,
+        f"classifier.cache_dir={tmp_path / 'classifier'}",
+        tool="vaelab-eval",
+    )
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["conditioned_on"] == "the true test labels" and result["model"]["conditional"] is True
+    # the probe and the Fréchet distance give the conditional networks each image's label (they would refuse none)
+    assert 0.1 < result["linear_probe_accuracy"] <= 1 and result["frechet_distance"] > 0
+    said = "conditional VAE: every figure is conditioned on the true test labels"
+    assert any(note.startswith(said) for note in result["notes"]) and said in proc.stdout + proc.stderr
+    vae = load_vae(ckpt)
+    datamodule = MNISTLike(data_dir=str(DATA_DIR))
+    datamodule.setup("test")
+    images, labels = (t[:200] for t in datamodule.test_set)
+    with torch.no_grad():
+        nll = {
+            name: likelihood(vae, images, 10, generator=torch.Generator().manual_seed(0), labels=y)["nll_iwae"].mean().item()
+            for name, y in (("true", labels), ("wrong", (labels + 5) % 10))
+        }
+    assert nll["true"] == pytest.approx(result["nll_iwae"], rel=1e-3)
+    assert nll["wrong"] > nll["true"] + 5, nll

@@ -361,3 +361,27 @@ def test_a_corrupt_image_stops_the_run_in_one_line_before_training(tmp_path):
     assert line.endswith("; delete or fix it, then run again")
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
     assert not (root / CACHE_FOLDER).exists()
+
+
+def test_a_conditional_model_on_a_folder_without_classes_stops_in_one_line_before_training(tmp_path):
+    """model.conditional=true needs labels: a folder of images without class subfolders has none."""
+    from conftest import one_line, train_run
+
+    root = tmp_path / "flat"
+    for i in range(10):
+        write(root / f"x{i}.png", size=(28, 28), value=20 * i)
+    proc = train_run(tmp_path / "run", "data=image_folder", f"data.path={root}", "model.conditional=true", check=False)
+    assert proc.returncode == 1
+    assert one_line(proc, "vaelab-train: error: ") == (
+        f"vaelab-train: error: model.conditional=true needs labelled images, but data.path={root} has no class "
+        "subfolders: put the images in one subfolder per class, or train without model.conditional=true"
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "tensorboard").exists()
+
+
+def test_class_names_are_the_subfolders_before_the_data_is_set_up(tmp_path):
+    """What a conditional VAE is built with, read before setup (decoded once: setup then takes the same tensors)."""
+    dm = make(classes_folder(tmp_path / "images"), tmp_path)
+    assert dm.class_names() == ["cat", "dog", "emu"] and dm.train_set is None
+    dm.setup("fit")
+    assert dm.class_names() == dm.classes == ["cat", "dog", "emu"]

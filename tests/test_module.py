@@ -111,3 +111,45 @@ def test_a_nan_batch_reaches_the_validation_mean(compose):
     vae._eval_step(x, "val")
     vae.eval_means["val_loss"].update(torch.tensor(float("nan")), weight=4)
     assert torch.isnan(vae.eval_means["val_loss"].compute())
+
+
+FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+@pytest.mark.parametrize("model", ["dense", "mlp", "conv"])
+def test_every_model_can_be_conditional_with_labels_through_every_figure(compose, model):
+    """model.conditional=true: the labels reach the loss, the IWAE bound and the samples, and change them; the class
+    names are plain hyperparameters (what a checkpoint rebuilds the networks from)."""
+    from vaelab.module import bounds
+
+    vae: VAE = instantiate(compose([f"model={model}", "latent_dim=4", "model.conditional=true"]).model, class_names=FASHION)
+    assert vae.conditional and vae.num_classes == 10 and vae.hparams["class_names"] == FASHION
+    assert type(vae.hparams["class_names"]) is list
+    torch.manual_seed(0)
+    x, y, other = torch.rand(6, 1, 28, 28), torch.arange(6), torch.arange(6) + 4
+    torch.manual_seed(1)
+    a = vae.loss(x, x, y)
+    torch.manual_seed(1)
+    b = vae.loss(x, x, other)
+    assert a["loss"] != b["loss"]
+    a["loss"].backward()
+    assert all(p.grad is not None for p in vae.parameters())
+    mu, logvar = vae.encode(x, y)
+    iwae = lambda labels: bounds(vae, x, mu, logvar, 5, generator=torch.Generator().manual_seed(0), labels=labels)["nll_iwae"]
+    assert not torch.equal(iwae(y), iwae(other))
+    sample = lambda labels: vae.sample(6, generator=torch.Generator().manual_seed(0), labels=labels)
+    assert not torch.equal(sample(y), sample(other))
+    vae._eval_step(x, "val", y)  # validation and test take the batch's labels
+
+
+def test_a_conditional_model_without_class_names_is_refused(compose):
+    with pytest.raises(InstantiationException, match="needs class_names"):
+        instantiate(compose(["model.conditional=true"]).model)
+
+
+def test_the_default_model_is_unconditional_and_ignores_labels(compose):
+    vae: VAE = instantiate(compose(["latent_dim=2"]).model)
+    assert not vae.conditional and vae.hparams["conditional"] is False and vae.hparams["class_names"] is None
+    assert vae.encoder.num_classes == 0 and vae.decoder.num_classes == 0
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(vae.encode(x, torch.tensor([1, 2, 3]))[0], vae.encode(x)[0])

@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import FAST, one_line, run_cli
 from vaelab.errors import UserError
-from vaelab.networks import ConvDecoder, ConvEncoder, conv_blocks
+from vaelab.networks import ConvDecoder, ConvEncoder, DenseDecoder, DenseEncoder, conv_blocks
 
 
 def former_conv(latent_dim: int, c: int = 1) -> tuple[nn.Module, nn.Module]:
@@ -125,3 +125,35 @@ def test_a_64x64_colour_conv_vae_is_built_from_the_config_and_trains_a_step(comp
     assert torch.isfinite(parts["loss"]) and vae.decode_mean(vae.encode(x)[0]).shape == (4, 3, 64, 64)
     explicit = instantiate(compose([*data, "model=conv", "model.likelihood=gaussian", "model.encoder.channels=[16,32]"]).model)
     assert explicit.decoder.start == (32, 16, 16) and explicit.hparams.decoder["channels"] == [16, 32]
+
+
+CONDITIONAL = {  # model -> (encoder, decoder) of a conditional network of 28x28 images, 10 classes, latent 4
+    "dense": lambda: (DenseEncoder(4, (1, 28, 28), num_classes=10), DenseDecoder(4, (1, 28, 28), num_classes=10)),
+    "mlp": lambda: (
+        DenseEncoder(4, (1, 28, 28), hidden=(32, 16), num_classes=10),
+        DenseDecoder(4, (1, 28, 28), hidden=(16, 32), num_classes=10),
+    ),
+    "conv": lambda: (ConvEncoder(4, (1, 28, 28), num_classes=10), ConvDecoder(4, (1, 28, 28), num_classes=10)),
+}
+
+
+@pytest.mark.parametrize("model", sorted(CONDITIONAL))
+def test_conditional_networks_take_the_one_hot_label_at_their_first_linear_layer(model):
+    """The label changes the output of both networks; its one-hot vector is the extra input of the first linear
+    layer (the conv encoder's heads), so a float one-hot vector gives what the index gives, and a mix of two lies
+    between them (the interpolation picture's labels)."""
+    torch.manual_seed(0)
+    encoder, decoder = CONDITIONAL[model]()
+    first = (encoder.body[1] if model == "mlp" else encoder.heads, decoder.body[0])
+    assert first[0].in_features == (64 * 7 * 7 if model == "conv" else 784) + 10 and first[1].in_features == 4 + 10
+    x, z = torch.rand(2, 1, 28, 28), torch.randn(2, 4)
+    three, seven = torch.tensor([3, 3]), torch.tensor([7, 7])
+    with torch.no_grad():
+        for network, inputs in ((encoder, x), (decoder, z)):
+            out3, out7 = (network(inputs, y) for y in (three, seven))
+            out3, out7 = (o[0] if isinstance(o, tuple) else o for o in (out3, out7))
+            assert (out3 - out7).abs().max() > 1e-3, network  # the label changes the output
+            as_vector = network(inputs, torch.nn.functional.one_hot(three, 10).float())
+            assert torch.allclose(as_vector[0] if isinstance(as_vector, tuple) else as_vector, out3)
+    with pytest.raises(ValueError, match="needs the labels"):
+        decoder(z)

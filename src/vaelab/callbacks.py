@@ -6,11 +6,15 @@ Each picture is a Lightning callback with its own config in conf/callbacks/. The
 images; every `every_n_epochs` validation epochs a torchvision grid is drawn in eval mode without
 gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter and saved with the
 same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
+
+A conditional VAE (model.conditional=true) draws every picture of images with each image's own label; pictures
+drawn from the prior name the labels they use (`Samples`: also `samples/by_class`, one row per class).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -31,10 +35,15 @@ INTERPOLATIONS = ("linear", "spherical")
 FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where most pictures are drawn
 
 
-def reconstruct(pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
-    """Decoded posterior means, as pixel probabilities: deterministic, so epochs compare."""
-    mu, _ = pl_module.encode(x)
-    return pl_module.decode_mean(mu)
+def reconstruct(pl_module: LightningModule, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """Decoded posterior means, as pixel probabilities: deterministic, so epochs compare. y: the images' labels
+    (used by a conditional VAE only)."""
+    mu, _ = pl_module.encode(x, y)
+    return pl_module.decode_mean(mu, y)
+
+
+def is_conditional(pl_module: LightningModule) -> bool:
+    return bool(getattr(pl_module, "conditional", False))
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "linear") -> torch.Tensor:
@@ -58,12 +67,26 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, steps: int, method: str = "lin
 
 @torch.no_grad()
 def interpolation_rows(
-    vae: LightningModule, starts: torch.Tensor, ends: torch.Tensor, num_steps: int, method: str = "linear"
+    vae: LightningModule,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    num_steps: int,
+    method: str = "linear",
+    start_labels: torch.Tensor | None = None,
+    end_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[pairs * (num_steps + 2), C, H, W]: per pair, the start image, num_steps images decoded along the path
-    between the two posterior means (its ends are the two reconstructions), the end image."""
-    z = interpolate(vae.encode(starts)[0], vae.encode(ends)[0], num_steps, method)
-    decoded = vae.decode_mean(z.flatten(0, 1)).unflatten(0, z.shape[:2])
+    between the two posterior means (its ends are the two reconstructions), the end image. A conditional VAE
+    encodes each image with its own label and decodes the path with the one-hot labels mixed linearly along it
+    (the start's label at the start, the end's at the end)."""
+    labels = None
+    if is_conditional(vae):
+        k = vae.num_classes
+        t = torch.linspace(0.0, 1.0, num_steps, device=starts.device).view(1, -1, 1)
+        a, b = (F.one_hot(y, k).float().unsqueeze(1) for y in (start_labels, end_labels))
+        labels = ((1 - t) * a + t * b).flatten(0, 1)
+    z = interpolate(vae.encode(starts, start_labels)[0], vae.encode(ends, end_labels)[0], num_steps, method)
+    decoded = vae.decode_mean(z.flatten(0, 1), labels).unflatten(0, z.shape[:2])
     return torch.cat([starts.unsqueeze(1), decoded, ends.unsqueeze(1)], dim=1).flatten(0, 1)
 
 
@@ -167,16 +190,16 @@ class Reconstructions(PictureCallback):
     def __init__(self, num_images: int = 16, **kwargs):
         super().__init__(**kwargs)
         self.num_images = num_images
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # split -> (images, labels)
 
     def choose(self, datamodule, stage: str) -> None:
         splits = ["train", "val"] if stage in FIT_STAGES else ["test"] if stage == "test" else []
         for split in splits:
-            self.inputs[split] = self.pick(getattr(datamodule, f"{split}_set"), self.num_images, "num_images")[0]
+            self.inputs[split] = self.pick(getattr(datamodule, f"{split}_set"), self.num_images, "num_images")
 
     def draw(self, pl_module: LightningModule, split: str) -> torch.Tensor:
-        x = self.inputs[split]
-        return grid(torch.cat([x, reconstruct(pl_module, x)]), self.num_images)
+        x, y = self.inputs[split]
+        return grid(torch.cat([x, reconstruct(pl_module, x, y)]), self.num_images)
 
     def pictures(self, trainer, pl_module):
         return {f"reconstructions/{split}": self.draw(pl_module, split) for split in ("train", "val")}
@@ -194,16 +217,16 @@ class NoisyReconstructions(PictureCallback):
     def __init__(self, num_images: int = 16, noise_factor: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.num_images, self.noise_factor = num_images, float(noise_factor)
-        self.clean = self.noisy = None
+        self.clean = self.noisy = self.labels = None
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            self.clean = self.pick(datamodule.val_set, self.num_images, "num_images")[0]
+            self.clean, self.labels = self.pick(datamodule.val_set, self.num_images, "num_images")
             generator = torch.Generator(device=self.clean.device).manual_seed(self.seed)
             self.noisy = add_noise(self.clean, self.noise_factor, generator)
 
     def pictures(self, trainer, pl_module):
-        rows = torch.cat([self.clean, self.noisy, reconstruct(pl_module, self.noisy)])
+        rows = torch.cat([self.clean, self.noisy, reconstruct(pl_module, self.noisy, self.labels)])
         return {"noisy_reconstructions": grid(rows, self.num_images)}
 
 
@@ -216,20 +239,25 @@ class Interpolation(PictureCallback):
     def __init__(self, num_pairs: int = 8, steps: int = 10, method: str = "linear", **kwargs):
         super().__init__(**kwargs)
         self.num_pairs, self.steps, self.method = num_pairs, steps, method
-        self.starts = self.ends = None
+        self.starts = self.ends = self.labels = None
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            images = self.pick(datamodule.val_set, 2 * self.num_pairs, "num_pairs", per_value=2)[0]
+            images, self.labels = self.pick(datamodule.val_set, 2 * self.num_pairs, "num_pairs", per_value=2)
             self.starts, self.ends = images[: self.num_pairs], images[self.num_pairs :]
 
     def pictures(self, trainer, pl_module):
-        rows = interpolation_rows(pl_module, self.starts, self.ends, self.steps, self.method)
+        n = self.num_pairs
+        rows = interpolation_rows(pl_module, self.starts, self.ends, self.steps, self.method, self.labels[:n], self.labels[n:])
         return {"interpolation": grid(rows, self.steps + 2)}
 
 
 class Samples(PictureCallback):
-    """`samples`: images decoded from z ~ N(0, temperature^2 I), the same seeded z every epoch."""
+    """`samples`: images decoded from z ~ N(0, temperature^2 I), the same seeded z every epoch.
+
+    A conditional VAE decodes sample i with class i mod num_classes in `samples`, and also draws `samples/by_class`:
+    one row per class (its name in a label column on the left), `ncols` samples each; column j decodes the same z
+    in every row, so a column shows one draw of the prior as each class."""
 
     name = "samples"
 
@@ -239,7 +267,24 @@ class Samples(PictureCallback):
 
     def pictures(self, trainer, pl_module):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        return {"samples": grid(pl_module.sample(self.num_samples, self.temperature, generator), self.ncols)}
+        if not is_conditional(pl_module):
+            return {"samples": grid(pl_module.sample(self.num_samples, self.temperature, generator), self.ncols)}
+        labels = torch.arange(self.num_samples, device=pl_module.device) % pl_module.num_classes
+        samples = grid(pl_module.sample(self.num_samples, self.temperature, generator, labels), self.ncols)
+        images, _ = self.by_class(pl_module)
+        rows = grid(images, self.ncols)
+        strip = label_column(list(pl_module.hparams.class_names), images.shape[-2], rows.shape[-2]).to(rows.device)
+        return {"samples": samples, "samples/by_class": torch.cat([strip, rows], dim=-1)}
+
+    def by_class(self, pl_module: LightningModule, per_class: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [num_classes * per_class, C, H, W], their labels): per_class (default ncols) samples of each class,
+        class by class, sample j of every class decoded from the same seeded z."""
+        per_class = per_class or self.ncols
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        z = torch.randn(per_class, pl_module.hparams.latent_dim, generator=generator, device=pl_module.device)
+        labels = torch.arange(pl_module.num_classes, device=pl_module.device).repeat_interleave(per_class)
+        z = (z * self.temperature).repeat(pl_module.num_classes, 1)
+        return pl_module.decode_mean(z, labels), labels
 
 
 SPRITE_SIDE = 8192  # TensorBoard's projector shows no sprite larger than this, in pixels a side
@@ -286,12 +331,14 @@ class LatentMap(PictureCallback):
     def label_names(self, labels) -> list[str]:
         return [self.names[k] if self.names and k < len(self.names) else str(k) for k in labels]
 
-    def manifold(self, pl_module: LightningModule) -> torch.Tensor:
-        """Decoded z over a regular grid of Gaussian quantiles: z[0] grows to the right, z[1] upwards."""
+    def manifold(self, pl_module: LightningModule, label: int | None = None) -> torch.Tensor:
+        """Decoded z over a regular grid of Gaussian quantiles: z[0] grows to the right, z[1] upwards (a conditional
+        VAE: decoded as class `label`)."""
         quantiles = torch.linspace(*self.quantile_range, self.grid_size, device=pl_module.device)
         values = torch.distributions.Normal(0.0, 1.0).icdf(quantiles)
         z = torch.cartesian_prod(values.flip(0), values)[:, [1, 0]]  # row-major: top row first
-        return grid(pl_module.decode_mean(z), self.grid_size)
+        y = None if label is None else torch.full((len(z),), label, device=z.device)
+        return grid(pl_module.decode_mean(z, y), self.grid_size)
 
     def scatter(self, mu: torch.Tensor, epoch: int) -> torch.Tensor:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -317,14 +364,25 @@ class LatentMap(PictureCallback):
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float() / 255
 
     def pictures(self, trainer, pl_module):
-        mu = pl_module.encode(self.images)[0]
-        return {"latent_map": self.manifold(pl_module), "latent_map/scatter": self.scatter(mu, trainer.current_epoch)}
+        mu = pl_module.encode(self.images, self.labels)[0]
+        scatter = {"latent_map/scatter": self.scatter(mu, trainer.current_epoch)}
+        if not is_conditional(pl_module):
+            return {"latent_map": self.manifold(pl_module), **scatter}
+        # A conditional VAE's manifold depends on the class: one per class, `latent_map/<label>_<name>`.
+        names = pl_module.hparams.class_names
+        return {
+            **{
+                f"latent_map/{k}_{re.sub(r'[^A-Za-z0-9-]+', '_', name)}": self.manifold(pl_module, k)
+                for k, name in enumerate(names)
+            },
+            **scatter,
+        }
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if pl_module.hparams.latent_dim == 2 or not trainer.is_global_zero or self.images is None:
             return
         with evaluating(pl_module):
-            mu = pl_module.encode(self.images)[0].float().cpu()
+            mu = pl_module.encode(self.images, self.labels)[0].float().cpu()
         metadata = self.label_names(self.labels.cpu().tolist())
         for writer in tensorboard_writers(trainer):
             writer.add_embedding(
@@ -370,23 +428,27 @@ class Traversals(PictureCallback):
     def __init__(self, num_units: int = 8, range_std: float = 3.0, steps: int = 11, kl_images: int = 1000, **kwargs):
         super().__init__(**kwargs)
         self.num_units, self.range_std, self.steps, self.kl_images = num_units, float(range_std), steps, kl_images
-        self.images = None
+        self.images = self.labels = None
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
             # At most kl_images: a small validation set (an own image folder) is averaged over whole.
-            self.images = self.pick(datamodule.val_set, min(self.kl_images, len(datamodule.val_set[0])), "kl_images")[0]
+            n = min(self.kl_images, len(datamodule.val_set[0]))
+            self.images, self.labels = self.pick(datamodule.val_set, n, "kl_images")
 
     def rows(self, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(units [k], their mean KL [k], decoded traversals [k * steps, C, H, W]), most used unit first."""
-        mu, logvar = (t.float() for t in pl_module.encode(self.images))
+        """(units [k], their mean KL [k], decoded traversals [k * steps, C, H, W]), most used unit first (a
+        conditional VAE: every image encoded with its own label, the traversals decoded with the traversed one's)."""
+        mu, logvar = (t.float() for t in pl_module.encode(self.images, self.labels))
         kl = unit_kl(mu, logvar)
         units = torch.sort(kl, descending=True, stable=True).indices[: self.num_units]
         offsets = torch.linspace(-self.range_std, self.range_std, self.steps, device=mu.device)
         z = mu[0].expand(len(units), self.steps, -1).clone()  # mu[0]: the traversed image, the first of the picks
         rows = torch.arange(len(units), device=mu.device)
         z[rows, :, units] += offsets  # row r: unit units[r] moves along the offsets, the other units stay put
-        return units, kl[units], pl_module.decode_mean(z.flatten(0, 1))
+        z = z.flatten(0, 1)
+        y = self.labels[:1].expand(len(z)) if is_conditional(pl_module) else None  # the traversed image's label
+        return units, kl[units], pl_module.decode_mean(z, y)
 
     def pictures(self, trainer, pl_module):
         units, kl, decoded = self.rows(pl_module)
@@ -419,31 +481,36 @@ class NotebookPictures(PictureCallback):
     def __init__(self, grid_size: int = 10, num_images: int = 4, **kwargs):
         super().__init__(**kwargs)
         self.grid_size, self.num_images = grid_size, num_images
-        self.train_images = self.test_images = None
+        self.train_images = self.test_images = self.train_labels = self.test_labels = None
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            self.train_images = self.pick(datamodule.train_set, self.num_images, "num_images")[0]
-            self.test_images = self.pick(datamodule.test_set, max(2, self.num_images), "num_images")[0]
+            self.train_images, self.train_labels = self.pick(datamodule.train_set, self.num_images, "num_images")
+            self.test_images, self.test_labels = self.pick(datamodule.test_set, max(2, self.num_images), "num_images")
 
-    def sampled_codes(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
+    def sampled_codes(self, pl_module: LightningModule, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        return pl_module.reparameterize(*pl_module.encode(x), generator)
+        return pl_module.reparameterize(*pl_module.encode(x, y), generator)
 
-    def latent_grid(self, pl_module: LightningModule, codes: torch.Tensor) -> torch.Tensor:
+    def latent_grid(self, pl_module: LightningModule, codes: torch.Tensor, label: torch.Tensor | None = None) -> torch.Tensor:
+        """The notebook's grid from two codes; a conditional VAE decodes every cell as class `label` (the first
+        image's)."""
         n = self.grid_size
         values = torch.from_numpy(np.linspace(codes.min().item(), codes.max().item(), n)).to(codes)  # as the notebook
         z = codes.new_empty(n, n, codes.shape[-1])
         z[:, :, 0::2] = values.view(n, 1, 1)  # row value
         z[:, :, 1::2] = values.view(1, n, 1)  # column value
-        return grid(pl_module.decode_mean(z.flatten(0, 1)), n)
+        y = None if label is None else label.expand(n * n)
+        return grid(pl_module.decode_mean(z.flatten(0, 1), y), n)
 
-    def reconstructions(self, pl_module: LightningModule, x: torch.Tensor) -> torch.Tensor:
-        return grid(torch.cat([x, pl_module.decode_mean(self.sampled_codes(pl_module, x))]), len(x))
+    def reconstructions(self, pl_module: LightningModule, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return grid(torch.cat([x, pl_module.decode_mean(self.sampled_codes(pl_module, x, y), y)]), len(x))
 
     def pictures(self, trainer, pl_module):
+        codes = self.sampled_codes(pl_module, self.test_images[:2], self.test_labels[:2])
+        n = self.num_images
         return {
-            "notebook/latent_grid": self.latent_grid(pl_module, self.sampled_codes(pl_module, self.test_images[:2])),
-            "notebook/reconstructions/train": self.reconstructions(pl_module, self.train_images),
-            "notebook/reconstructions/test": self.reconstructions(pl_module, self.test_images[: self.num_images]),
+            "notebook/latent_grid": self.latent_grid(pl_module, codes, self.test_labels[:1]),
+            "notebook/reconstructions/train": self.reconstructions(pl_module, self.train_images, self.train_labels),
+            "notebook/reconstructions/test": self.reconstructions(pl_module, self.test_images[:n], self.test_labels[:n]),
         }

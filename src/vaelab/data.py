@@ -226,6 +226,10 @@ class TensorData(pl.LightningDataModule):
         """(train, val, test), each (images float [0, 1], labels int64), on the CPU."""
         raise NotImplementedError
 
+    def class_names(self) -> list[str] | None:
+        """The class names by label, before the data is set up (a conditional VAE is built with them), or None."""
+        return self.classes
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -408,6 +412,11 @@ class TorchvisionData(TensorData):
                 "data: cannot write the cache %s (%s); %s is converted again in every run", path, err.strerror, self.dataset
             )
         return data
+
+    def class_names(self) -> list[str] | None:
+        if self.train_set is not None:
+            return self.classes
+        return self.tensors(self.download)["classes"]  # read (or converted) once: load() then takes the same tensors
 
     def load(self):
         data = self.tensors(download=False)

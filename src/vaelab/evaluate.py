@@ -12,6 +12,10 @@
 q(z|x) is N(mu, exp(logvar)) from the encoder. A checkpoint trained with the notebook's objective samples
 z = mu + exp(logvar) * eps * 0.1 instead; its likelihood is evaluated for the proper posterior N(mu, exp(logvar)),
 and eval.json says so.
+
+A conditional VAE (trained with model.conditional=true) is evaluated conditioned on the true test labels: every
+figure is then of p(x|y), q(z|x, y) (the IWAE estimate is of -log p(x|y)), and eval.json (`conditioned_on`) and the
+printed summary say so.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from itertools import repeat
 from pathlib import Path
 
 import torch
@@ -35,18 +40,27 @@ from vaelab.module import VAE, add_noise, bounds
 from vaelab.sweep import job_reporting
 
 log = logging.getLogger(__name__)
+CONDITIONED = (
+    "conditional VAE: every figure is conditioned on the true test labels (-log p(x|y), the encoder and decoder given y)"
+)
 
 
 @torch.no_grad()
 def likelihood(
-    vae: VAE, images: torch.Tensor, num_samples: int, pairs_per_pass: int = 20000, generator: torch.Generator | None = None
+    vae: VAE,
+    images: torch.Tensor,
+    num_samples: int,
+    pairs_per_pass: int = 20000,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-image negative ELBO parts, IWAE estimate of -log p(x) (nats) and posterior means, for every image.
 
     The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
     the KL term is exact. Images go through in chunks so that at most `pairs_per_pass` (image, sample)
     pairs are decoded at once; with K above that, the samples of one image are split too. A density
-    likelihood sees the images dequantised with `generator`'s noise (vaelab.module.VAE.target).
+    likelihood sees the images dequantised with `generator`'s noise (vaelab.module.VAE.target). labels: the images'
+    classes, for a conditional VAE (the figures are then conditioned on them).
     """
     # The results are written into tensors allocated once: small tensors kept from every chunk would pin the freed
     # decoder outputs in glibc's heap (measured: 7.5 MB more resident memory per image at K = 5000, killed by the
@@ -55,11 +69,12 @@ def likelihood(
     result = {key: torch.empty(n, dtype=torch.float64, device=images.device) for key in ("recon", "kl", "nll_iwae")}
     result["mu"] = torch.empty(n, latent_dim, device=images.device)
     start = 0
-    for x in images.split(max(1, pairs_per_pass // num_samples)):
+    chunk = max(1, pairs_per_pass // num_samples)
+    for x, y in zip(images.split(chunk), repeat(None) if labels is None else labels.split(chunk)):
         target = vae.target(x, generator)
-        mu, logvar = vae.encode(target)
+        mu, logvar = vae.encode(target, y)
         stop = start + x.shape[0]
-        for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator).items():
+        for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator, labels=y).items():
             result[key][start:stop] = value
         result["mu"][start:stop] = mu
         start = stop
@@ -74,20 +89,25 @@ def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
 
 @torch.no_grad()
 def noisy_input_errors(
-    vae: VAE, images: torch.Tensor, noise_levels, batch_size: int = 1000, generator: torch.Generator | None = None
+    vae: VAE,
+    images: torch.Tensor,
+    noise_levels,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
 ) -> list[dict[str, float]]:
     """For each noise std: decode the posterior mean of the noisy input, compare with the clean image.
 
     recon_nats: the model's negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
-    decoded means. Every level sees the same images; the noise comes from `generator`.
+    decoded means. Every level sees the same images; the noise comes from `generator`. labels: as likelihood's.
     """
     rows = []
     for level in noise_levels:
         nats, squared, count = 0.0, 0.0, 0
-        for x in images.split(batch_size):
+        for x, y in zip(images.split(batch_size), repeat(None) if labels is None else labels.split(batch_size)):
             target = vae.target(x, generator)
             noisy = add_noise(target, float(level), generator)
-            out = vae.decode(vae.encode(noisy)[0])
+            out = vae.decode(vae.encode(noisy, y)[0], y)
             nats += vae.likelihood.nll(out, target).double().sum().item()
             squared += (vae.likelihood.mean(out) - x).double().pow(2).sum().item()
             count += x.shape[0]
@@ -118,13 +138,18 @@ def plot_noise_errors(rows: list[dict[str, float]], path: Path, title: str) -> N
     plt.close(fig)
 
 
-def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.device) -> dict:
-    """Every figure of eval.json for these test images (already on `device`)."""
+def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None = None) -> dict:
+    """Every figure of eval.json for these test images (already on `device`); a conditional VAE's conditioned on
+    `labels`, the images' true classes."""
     num_samples = cfg.num_importance_samples or (1000 if device.type == "cuda" else 100)
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+    conditioned = bool(getattr(vae, "conditional", False))
+    if conditioned and labels is None:
+        raise ValueError("a conditional VAE is evaluated conditioned on the images' labels: pass them")
+    labels = labels if conditioned else None
     started = time.perf_counter()
-    per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator)
-    noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator)
+    per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator, labels)
+    noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator, labels)
     hp = vae.hparams
     binarize = str(cfg.data.get("binarize") or "none")
     notes = [
@@ -136,6 +161,8 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     trained_on = str(hp.get("binarize", "none"))
     if binarize != trained_on:
         notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
+    if conditioned:
+        notes.append(CONDITIONED)
     if hp.objective == "notebook":
         notes.append(
             "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
@@ -153,7 +180,9 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
             "denoise": bool(hp.denoise),
             "noise_factor": float(hp.noise_factor),
             "beta": float(hp.beta),
+            "conditional": conditioned,
         },
+        "conditioned_on": "the true test labels" if conditioned else None,
         "likelihood": str(hp.likelihood),
         "binarize": binarize,
         "posterior": "N(mu, exp(logvar))",
@@ -203,8 +232,8 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
         if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
             x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
         settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
-        codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator)
-        test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator)
+        codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator, vae.labels_of(y))
+        test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator, vae.labels_of(ty))
         result["linear_probe_accuracy"] = measures.linear_probe(codes, y, test_codes, ty, **settings)
         result["linear_probe"] = {
             "chance": measures.chance_level(ty),
@@ -229,13 +258,15 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
         classifier_seconds = time.perf_counter() - started
         started = time.perf_counter()
         n = min(int(cfg.frechet.num_samples), len(test_x))
-        real = test_x[:n].to(device)
+        real, real_labels = test_x[:n].to(device), test_y[:n].to(device)
         distances = measures.frechet_distances(
             model,
             real,
             {
-                "samples": measures.prior_samples(vae, n, int(cfg.batch_size), generator),
-                "reconstructions": measures.reconstructions(vae, real, int(cfg.batch_size), generator),
+                "samples": measures.prior_samples(vae, n, int(cfg.batch_size), generator, vae.labels_of(real_labels)),
+                "reconstructions": measures.reconstructions(
+                    vae, real, int(cfg.batch_size), generator, vae.labels_of(real_labels)
+                ),
                 "train_vs_test": train_x[:n].to(device),
             },
             int(cfg.batch_size),
@@ -254,6 +285,11 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
             "frechet_distance: prior samples (the decoder's mean images) against the first num_samples test images "
             "(grey levels); frechet.reconstructions: the mean images of their posterior means; frechet.train_vs_test: "
             "as many training images, the floor"
+        )
+    if vae.conditional:
+        result["notes"].append(
+            "conditional model: the probe's posterior means and the reconstructions are given each image's own label, "
+            "prior sample i the label of test image i (the test set's class mix)"
         )
     return result
 
@@ -284,6 +320,8 @@ def summary(result: dict) -> str:
             f"training images {f['train_vs_test']:.2f}; {f['num_samples']} images, {f['seconds']:.1f} s; "
             f"classifier accuracy {f['classifier_test_accuracy']:.4f})"
         )
+    if result.get("conditioned_on"):
+        lines.insert(2, "  " + CONDITIONED)
     if m["objective"] == "notebook":
         lines.append("  note: " + next(n for n in result["notes"] if n.startswith("objective=notebook")))
     return "\n".join(lines)
@@ -292,13 +330,18 @@ def summary(result: dict) -> str:
 def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
     """The test images of cfg.data, prepared as the checkpoint's model was trained (data.binarize=null, the
     default) unless asked otherwise; refused in one line when the model takes another shape."""
+    return test_set(cfg, vae)[0]
+
+
+def test_set(cfg: DictConfig, vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of cfg.data's test split, the images as `test_images` prepares them."""
     if cfg.data.get("binarize", "none") is None:
         with open_dict(cfg):
             cfg.data.binarize = str(vae.hparams.get("binarize", "none"))
         log.info("data.binarize=%s, as the checkpoint's model was trained", cfg.data.binarize)
     datamodule = build(cfg.data, "data")
     datamodule.setup("test")
-    images = datamodule.test_set[0]
+    images, labels = datamodule.test_set
     model_shape = tuple(vae.hparams.encoder.get("image_shape") or images.shape[1:])
     if model_shape != tuple(images.shape[1:]):
         c, h, w = model_shape
@@ -308,7 +351,13 @@ def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
             f"{tuple(images.shape[1:])}; pass the data it was trained on, e.g. "
             + ("data=mnist" if model_shape == (1, 28, 28) else f"data=image_folder data.path=<dir> data.channels={c} {size}")
         )
-    return images
+    classes = int(getattr(vae, "num_classes", 0))
+    if classes and len(labels) and int(labels.max()) >= classes:
+        raise UserError(
+            f"the checkpoint's conditional model knows {classes} classes but data={cfg.data.dataset} has labels up to "
+            f"{int(labels.max())}: pass the data it was trained on"
+        )
+    return images, labels
 
 
 def run(cfg: DictConfig) -> dict:
@@ -318,10 +367,10 @@ def run(cfg: DictConfig) -> dict:
     rundir.lock(output_dir)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
-    images = test_images(cfg, vae)
+    images, labels = test_set(cfg, vae)
     if cfg.num_images is not None:
-        images = images[: int(cfg.num_images)]
-    result = evaluate(vae, images.to(device), cfg, device)
+        images, labels = images[: int(cfg.num_images)], labels[: int(cfg.num_images)]
+    result = evaluate(vae, images.to(device), cfg, device, labels.to(device))
     extra = probe_and_frechet(vae, cfg, len(images), device)
     result = {**result, **extra, "notes": result["notes"] + extra["notes"]}
     title = (

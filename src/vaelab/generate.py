@@ -3,6 +3,10 @@
 samples.png: images decoded from z ~ N(0, temperature^2 I) (the means of p(x|z), e.g. sigmoid(logits) for the Bernoulli).
 interpolation.png (interpolate=true): each row starts and ends with a random test image; between them, the
 decoded points of the straight line between the two images' posterior means.
+
+A conditional VAE's checkpoint (model.conditional=true): `label=Sandal` (a class name, in any case, or its index)
+makes every sample of that class; without it, sample i is of class i mod the number of classes. Interpolations
+encode each test image with its own label (vaelab.callbacks.interpolation_rows).
 """
 
 from __future__ import annotations
@@ -17,11 +21,29 @@ from omegaconf import DictConfig
 from vaelab import rundir, schema
 from vaelab.checkpoints import load_vae
 from vaelab.data import seeded_order
-from vaelab.errors import recorded
+from vaelab.errors import UserError, recorded
 from vaelab.hardware import resolve_device
 from vaelab.sweep import job_reporting
 
 log = logging.getLogger(__name__)
+
+
+def class_index(label, class_names: list[str] | None, ckpt_path: str) -> int:
+    """The class `label` names (a class name in any case, or an index) among the checkpoint's classes; one line
+    listing the valid ones otherwise, or saying that the checkpoint's model is not conditional."""
+    text = str(label).strip()
+    if not class_names:
+        raise UserError(
+            f"label={text}: the checkpoint {ckpt_path} is of an unconditional VAE, which takes no label; drop label=, "
+            "or train a conditional one with vaelab-train model.conditional=true"
+        )
+    lowered = [name.lower() for name in class_names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    if text.lstrip("-").isdigit() and 0 <= int(text) < len(class_names):
+        return int(text)
+    valid = ", ".join(f"{i} {name}" for i, name in enumerate(class_names))
+    raise UserError(f"label={text} is not a class of this checkpoint's model: give a name (any case) or an index: {valid}")
 
 
 def run(cfg: DictConfig) -> dict[str, Path]:
@@ -30,25 +52,38 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     from torchvision.utils import save_image
 
     from vaelab.callbacks import interpolation_rows
-    from vaelab.evaluate import test_images
+    from vaelab.evaluate import test_set
 
     schema.check(cfg, "generate")
     output_dir = Path(cfg.paths.output_dir)
     rundir.lock(output_dir)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
+    class_names = vae.hparams.get("class_names") if vae.conditional else None
+    n = int(cfg.num_samples)
+    labels = None
+    if cfg.get("label") is not None:
+        index = class_index(cfg.label, class_names, str(cfg.ckpt_path))
+        labels = torch.full((n,), index, device=device)
+        log.info("samples of class %d, %s", index, class_names[index])
+    elif vae.conditional:
+        labels = torch.arange(n, device=device) % len(class_names)
+        log.info("a conditional VAE: sample i is of class i mod %d (label=<name or index> for one class)", len(class_names))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
     written = {}
 
-    samples = vae.sample(int(cfg.num_samples), temperature=float(cfg.temperature), generator=generator)
+    samples = vae.sample(n, temperature=float(cfg.temperature), generator=generator, labels=labels)
     nrow = int(cfg.nrow) if cfg.nrow else math.ceil(math.sqrt(int(cfg.num_samples)))
     written["samples"] = output_dir / "samples.png"
     save_image(samples, written["samples"], nrow=nrow, padding=2)
 
     if cfg.interpolate:
-        images = test_images(cfg, vae)
-        chosen = images[seeded_order(len(images), int(cfg.seed))[: 2 * int(cfg.num_pairs)]].to(device)
-        grid = interpolation_rows(vae, chosen[0::2], chosen[1::2], int(cfg.num_steps))
+        images, test_labels = test_set(cfg, vae)
+        order = seeded_order(len(images), int(cfg.seed))[: 2 * int(cfg.num_pairs)]
+        chosen, chosen_labels = images[order].to(device), test_labels[order].to(device)
+        grid = interpolation_rows(
+            vae, chosen[0::2], chosen[1::2], int(cfg.num_steps), start_labels=chosen_labels[0::2], end_labels=chosen_labels[1::2]
+        )
         written["interpolation"] = output_dir / "interpolation.png"
         save_image(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
 

@@ -373,6 +373,12 @@ class ImageFolder(TensorData):
 
     # -- what training sees
 
+    def class_names(self) -> list[str] | None:
+        """The first-level subfolders' names (None for a folder of images alone)."""
+        if self.train_set is not None:
+            return self.classes
+        return self.decoded()[2]  # decoded (or read from the cache) once: load() then takes the same tensors
+
     def load(self):
         images, labels, classes = self.decoded()
         self.classes = classes

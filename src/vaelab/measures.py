@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import nn
 
@@ -61,21 +63,53 @@ def linear_probe(
 
 
 @torch.no_grad()
-def posterior_means(vae, images: torch.Tensor, batch_size: int = 1000, generator: torch.Generator | None = None) -> torch.Tensor:
-    """E_q[z|x] of each image, the input prepared as in evaluation (a density likelihood dequantises it)."""
-    return torch.cat([vae.encode(vae.target(x, generator))[0].float() for x in images.split(batch_size)])
+def posterior_means(
+    vae,
+    images: torch.Tensor,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """E_q[z|x] (a conditional VAE: E_q[z|x, y] with each image's label) of each image, the input prepared as in
+    evaluation (a density likelihood dequantises it)."""
+    return torch.cat(
+        [
+            vae.encode(vae.target(x, generator), y)[0].float()
+            for x, y in zip(images.split(batch_size), by_batch(labels, batch_size))
+        ]
+    )
 
 
 @torch.no_grad()
-def reconstructions(vae, images: torch.Tensor, batch_size: int = 1000, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The decoder's mean image of each image's posterior mean."""
-    return torch.cat([vae.decode_mean(vae.encode(vae.target(x, generator))[0]).float() for x in images.split(batch_size)])
+def reconstructions(
+    vae,
+    images: torch.Tensor,
+    batch_size: int = 1000,
+    generator: torch.Generator | None = None,
+    labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The decoder's mean image of each image's posterior mean (a conditional VAE: with the image's label)."""
+    return torch.cat(
+        [
+            vae.decode_mean(vae.encode(vae.target(x, generator), y)[0], y).float()
+            for x, y in zip(images.split(batch_size), by_batch(labels, batch_size))
+        ]
+    )
 
 
 @torch.no_grad()
-def prior_samples(vae, n: int, batch_size: int = 1000, generator: torch.Generator | None = None) -> torch.Tensor:
-    """The decoder's mean images of n draws z ~ N(0, I)."""
-    return torch.cat([vae.sample(min(batch_size, n - start), generator=generator).float() for start in range(0, n, batch_size)])
+def prior_samples(
+    vae, n: int, batch_size: int = 1000, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The decoder's mean images of n draws z ~ N(0, I) (a conditional VAE: sample i of class labels[i])."""
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    chunks = labels.split(sizes) if labels is not None else [None] * len(sizes)
+    return torch.cat([vae.sample(size, generator=generator, labels=y).float() for size, y in zip(sizes, chunks)])
+
+
+def by_batch(labels: torch.Tensor | None, batch_size: int) -> list:
+    """labels in batches of batch_size, or an endless None for an unconditional model (zip stops at the images)."""
+    return labels.split(batch_size) if labels is not None else itertools.repeat(None)
 
 
 def frechet_distances(

@@ -1,29 +1,54 @@
 """Encoders map images to (mean, log-variance) of q(z|x); decoders map z to the parameters of p(x|z) per pixel
-(Bernoulli logits by default; see vaelab.likelihoods)."""
+(Bernoulli logits by default; see vaelab.likelihoods).
+
+Conditional networks (num_classes > 0, model.conditional=true; Sohn et al., 2015) also take the label y: as a
+one-hot vector of num_classes entries concatenated to the input of the network's first linear layer. Dense
+encoder: to the flattened image; conv encoder: to the flattened output of the conv blocks (the heads' input);
+both decoders: to z. y is either class indices [B] (int64) or already a vector per image [B, num_classes] (a mix
+of two one-hot vectors, as the interpolation picture draws between two classes). num_classes=0 builds the
+unconditional network exactly as before: the same layers, parameters and forward pass.
+"""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vaelab.errors import UserError
 
 
-class DenseEncoder(nn.Module):
-    """The notebook's encoder: flatten, then one linear head each for the mean and the log-variance."""
+def one_hot(y: torch.Tensor, num_classes: int, like: torch.Tensor) -> torch.Tensor:
+    """[B, num_classes] in `like`'s dtype: the one-hot vectors of class indices, or float label vectors as given."""
+    return (y if y.is_floating_point() else F.one_hot(y, num_classes)).to(like.dtype)
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = ()):
+
+def with_label(h: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """h [B, D] with the label's one-hot vector appended: [B, D + num_classes]."""
+    if y is None:
+        raise ValueError("a conditional network (num_classes > 0) needs the labels y")
+    return torch.cat([h, one_hot(y, num_classes, h)], dim=-1)
+
+
+class DenseEncoder(nn.Module):
+    """The notebook's encoder: flatten, then one linear head each for the mean and the log-variance.
+    num_classes > 0: the one-hot label is appended to the flattened image."""
+
+    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = (), num_classes: int = 0):
         super().__init__()
-        sizes = [math.prod(image_shape), *hidden]
+        self.num_classes = num_classes
+        sizes = [math.prod(image_shape) + num_classes, *hidden]
         layers: list[nn.Module] = [nn.Flatten()]
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         self.body = nn.Sequential(*layers)
         self.heads = nn.Linear(sizes[-1], 2 * latent_dim)  # mean and log-variance in one matmul
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_classes:  # flattened here (the body's Flatten then keeps it as it is)
+            x = with_label(x.flatten(1), y, self.num_classes)
         mu, logvar = self.heads(self.body(x)).chunk(2, dim=-1)
         return mu, logvar
 
@@ -31,20 +56,29 @@ class DenseEncoder(nn.Module):
 class DenseDecoder(nn.Module):
     """The notebook's decoder (linear from z to 784 logits); `hidden` adds ReLU layers in between.
     out_channels: channels of the output (default the image's; a likelihood with a mean and a scale per pixel
-    asks for twice as many)."""
+    asks for twice as many). num_classes > 0: the one-hot label is appended to z."""
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = (), out_channels: int | None = None):
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape=(1, 28, 28),
+        hidden: tuple[int, ...] = (),
+        out_channels: int | None = None,
+        num_classes: int = 0,
+    ):
         super().__init__()
         c, h, w = image_shape
-        self.image_shape = (out_channels or c, h, w)
-        sizes = [latent_dim, *hidden]
+        self.image_shape, self.num_classes = (out_channels or c, h, w), num_classes
+        sizes = [latent_dim + num_classes, *hidden]
         layers: list[nn.Module] = []
         for n_in, n_out in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(n_in, n_out), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], math.prod(self.image_shape)))
         self.body = nn.Sequential(*layers)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            z = with_label(z, y, self.num_classes)
         return self.body(z).view(-1, *self.image_shape)
 
 
@@ -92,10 +126,12 @@ def conv_blocks(image_shape, channels=None, key: str = "model.encoder.channels")
 class ConvEncoder(nn.Module):
     """Stride-2 convolutions (kernel 4, ReLU), one per entry of `channels`, each halving the image, then linear heads
     for the mean and log-variance. channels=None: derived from the image size (`conv_blocks`); the 28x28 default is
-    28 -> 14 -> 7 with 32 and 64 channels."""
+    28 -> 14 -> 7 with 32 and 64 channels. num_classes > 0: the one-hot label is appended to the flattened output of
+    the conv blocks, the input of the heads (the first linear layer)."""
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), channels: list[int] | None = None):
+    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), channels: list[int] | None = None, num_classes: int = 0):
         super().__init__()
+        self.num_classes = num_classes
         c, h, w = image_shape
         channels = conv_blocks(image_shape, channels, "model.encoder.channels")
         layers: list[nn.Module] = []
@@ -103,30 +139,46 @@ class ConvEncoder(nn.Module):
             layers += [nn.Conv2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
         self.body = nn.Sequential(*layers, nn.Flatten())
         side = 2 ** len(channels)
-        self.heads = nn.Linear(channels[-1] * (h // side) * (w // side), 2 * latent_dim)
+        self.heads = nn.Linear(channels[-1] * (h // side) * (w // side) + num_classes, 2 * latent_dim)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mu, logvar = self.heads(self.body(x)).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.body(x)
+        if self.num_classes:
+            h = with_label(h, y, self.num_classes)
+        mu, logvar = self.heads(h).chunk(2, dim=-1)
         return mu, logvar
 
 
 class ConvDecoder(nn.Module):
     """Mirror of ConvEncoder: linear to the smallest map, then stride-2 transposed convolutions (kernel 4), each
-    doubling the image, the last one to the output channels (out_channels: as DenseDecoder's)."""
+    doubling the image, the last one to the output channels (out_channels: as DenseDecoder's). num_classes > 0: the
+    one-hot label is appended to z."""
 
     def __init__(
-        self, latent_dim: int, image_shape=(1, 28, 28), channels: list[int] | None = None, out_channels: int | None = None
+        self,
+        latent_dim: int,
+        image_shape=(1, 28, 28),
+        channels: list[int] | None = None,
+        out_channels: int | None = None,
+        num_classes: int = 0,
     ):
         super().__init__()
+        self.num_classes = num_classes
         c, h, w = image_shape
         channels = conv_blocks(image_shape, channels, "model.decoder.channels")
         side = 2 ** len(channels)
         self.start = (channels[-1], h // side, w // side)
-        layers: list[nn.Module] = [nn.Linear(latent_dim, math.prod(self.start)), nn.ReLU(), nn.Unflatten(1, self.start)]
+        layers: list[nn.Module] = [
+            nn.Linear(latent_dim + num_classes, math.prod(self.start)),
+            nn.ReLU(),
+            nn.Unflatten(1, self.start),
+        ]
         outs = [*reversed(channels[:-1]), out_channels or c]
         for n_in, n_out in zip(reversed(channels), outs):
             layers += [nn.ConvTranspose2d(n_in, n_out, 4, stride=2, padding=1), nn.ReLU()]
         self.body = nn.Sequential(*layers[:-1])  # no ReLU after the last: it emits the likelihood's parameters
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            z = with_label(z, y, self.num_classes)
         return self.body(z)

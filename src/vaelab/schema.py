@@ -115,6 +115,7 @@ class Generate(Inspect):
     interpolate: bool = MISSING
     num_pairs: int = MISSING
     num_steps: int = MISSING
+    label: Optional[str] = None  # a class name or index (an integer as typed, e.g. label=7, becomes "7")
 
 
 store = ConfigStore.instance()
@@ -226,6 +227,7 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "model.eval_iwae_samples": (None, like(POSITIVE_INT, "10")),
         "model.val_iwae_every_n_epochs": (None, Rule(lambda v: _int(v) and v >= 0, "an integer >= 0 (0: never)", "50")),
         "model.denoise": ("denoise", BOOL),
+        "model.conditional": (None, BOOL),
         "seed": (None, like(INTEGER, "42")),
         "threads": (None, OPTIONAL_POSITIVE_INT),
         "test_after_fit": (None, BOOL),
@@ -290,6 +292,10 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
             Rule(lambda v: _int(v) and 0 < v <= 5000, "an integer between 1 and 5000 (pairs of the 10,000 test images)", "8"),
         ),
         "num_steps": (None, Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (both ends of each row)", "10")),
+        "label": (
+            None,
+            Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a class name, an index or null", "Sandal"),
+        ),
         "batch_size": (None, like(POSITIVE_INT, "256")),
         "seed": (None, INTEGER),
         **DATA_RULES,

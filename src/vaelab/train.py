@@ -49,6 +49,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         "kl_warmup_epochs": int(cfg.model.get("kl_warmup_epochs", 0)),
         "free_bits": float(cfg.model.get("free_bits", 0.0)),
         "num_samples": int(cfg.model.get("num_samples", 1)),
+        "conditional": bool(cfg.model.get("conditional", False)),
     }
 
 
@@ -312,7 +313,7 @@ def run(start: Start) -> dict[str, float]:
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule: pl.LightningDataModule = build(cfg.data, "data")
-    model: pl.LightningModule = build(cfg.model, "model")
+    model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, datamodule))
     if start.checkpoint is not None:
         check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
@@ -356,6 +357,25 @@ def run(start: Start) -> dict[str, float]:
             log.info("metrics: %s", json.dumps(metrics))
             log.info("run directory: %s", run_dir)
     return metrics
+
+
+def conditioning(cfg: DictConfig, datamodule) -> dict:
+    """For model.conditional=true, the data's class names (plain strings, saved in the checkpoint) the model is built
+    with; one line when the data has none. Nothing for an unconditional model."""
+    if not cfg.model.get("conditional", False):
+        return {}
+    names = datamodule.class_names() if hasattr(datamodule, "class_names") else None
+    if not names:
+        where = (
+            f"data.path={cfg.data.path} has no class subfolders"
+            if cfg.data.get("path")
+            else f"data={cfg.data.dataset} has no class names"
+        )
+        raise UserError(
+            f"model.conditional=true needs labelled images, but {where}: put the images in one subfolder per class, "
+            "or train without model.conditional=true"
+        )
+    return {"class_names": list(names)}
 
 
 def hydra_task(cfg: DictConfig) -> float | None:
