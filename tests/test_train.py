@@ -155,8 +155,14 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
 
 
 def test_the_default_figures_say_they_are_not_a_density(trained_run):
+    """metrics.json and the HPARAMS tab label the default figures (a Bernoulli on grey levels)."""
+    says = "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
     report = json.loads((trained_run / "metrics.json").read_text())
-    assert report["figures"] == "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
+    assert report["figures"] == says and report["likelihood"] == "bernoulli" and report["binarize"] == "none"
+    content = event_accumulator(trained_run).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values["figures"] == says and values["likelihood"] == "bernoulli" and values["binarize"] == "none"
 
 
 @pytest.mark.parametrize(
