@@ -138,6 +138,11 @@ def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
     # each scalar written once (by rank 0): one val/loss point for one epoch, not one per rank
     assert len(acc.Scalars("val/loss")) == 1 and len(acc.Scalars("test/loss")) == 1
     assert acc.Scalars("val/loss")[0].value == pytest.approx(metrics["val/loss"], rel=1e-6)
+    # bits per dimension from the means over both ranks' images, once, beside the nats figure
+    for tag in ("val/nelbo", "test/nelbo", "test/nll_iwae"):
+        [nats], [bpd] = acc.Scalars(tag), acc.Scalars(f"{tag}_bpd")
+        assert nats.value == pytest.approx(metrics[tag], rel=1e-6) and bpd.step == nats.step
+        assert bpd.value == pytest.approx(metrics[tag] / (784 * math.log(2)), rel=1e-6)
     assert hparams_of_run(run_dir)["latent_dim"] == 256
 
 
