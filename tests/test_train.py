@@ -145,6 +145,10 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
     acc = event_accumulator(run)
     betas = [e.value for e in acc.Scalars("train/beta")]  # logged with each train/loss window: 0 -> 1 over 2 epochs
     assert betas == sorted(betas) and 0 < betas[0] < 0.2 and betas[-1] > 0.9
+    assert (
+        "data.binarize=dynamic: each training image a fresh Bernoulli draw every epoch; validation and test images "
+        "binarized once (seeded), and so are the pictures' images"
+    ) in (run / "train.log").read_text()  # the run says how its data, the pictures' included, is prepared
     # val/nll_iwae in the second epoch only, and its bits/dim with it
     [(_, nats, bpd)] = _bpd_pairs(acc, "val/nll_iwae")
     assert bpd == pytest.approx(nats / (784 * math.log(2)), rel=1e-6) and nats == pytest.approx(report["val/nll_iwae"])
