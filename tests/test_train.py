@@ -159,7 +159,7 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
 
 
 def test_the_default_figures_say_they_are_not_a_density(trained_run):
-    """metrics.json and the HPARAMS tab label the default figures (a Bernoulli on grey levels)."""
+    """metrics.json, the HPARAMS tab and the log label the default figures (a Bernoulli on grey levels)."""
     says = "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
     report = json.loads((trained_run / "metrics.json").read_text())
     assert report["figures"] == says and report["likelihood"] == "bernoulli" and report["binarize"] == "none"
@@ -167,6 +167,7 @@ def test_the_default_figures_say_they_are_not_a_density(trained_run):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert values["figures"] == says and values["likelihood"] == "bernoulli" and values["binarize"] == "none"
+    assert f"metrics ({says}): {{" in (trained_run / "train.log").read_text()  # the run's last lines say it too
 
 
 @pytest.mark.parametrize(

@@ -296,7 +296,7 @@ def run(start: Start) -> dict[str, float]:
                     logger.finalize("success")  # written out (Lightning finalized them after the test: once more)
             report = {key: hparams_of(cfg)[key] for key in ("likelihood", "binarize", "figures")} | metrics
             atomic_write(run_dir / "metrics.json", json.dumps(report, indent=2) + "\n")  # last: the run is complete
-            log.info("metrics: %s", json.dumps(metrics))
+            log.info("metrics (%s): %s", report["figures"], json.dumps(metrics))
             log.info("run directory: %s", run_dir)
     return metrics
 
