@@ -229,7 +229,7 @@ def run(cfg: DictConfig) -> dict:
     result = evaluate(vae, images.to(device), cfg, device)
     title = (
         f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
-        f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})"
+        f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})\n{result['figures']}"
     )
     plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
     atomic_write(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")
