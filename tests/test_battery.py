@@ -66,6 +66,33 @@ SETTINGS = [
     ("vaelab-train", "model=foo", "model=foo is not a choice of model: choose one of conv, dense, mlp"),
     ("vaelab-train", "latent_dim=[1", "cannot parse the override 'latent_dim=[1'"),
     ("vaelab-train", "trainer.accelerator=tpu", "trainer.accelerator='tpu' is not allowed"),
+    (
+        "vaelab-train",
+        "model.likelihood=poisson",
+        "model.likelihood='poisson' is not allowed: model.likelihood must be one of bernoulli, continuous_bernoulli, "
+        "discretized_logistic, gaussian, e.g. model.likelihood=bernoulli",
+    ),
+    (
+        "vaelab-train",
+        "data.binarize=sometimes",
+        "data.binarize='sometimes' is not allowed: data.binarize must be one of none, dynamic, static, e.g. data.binarize=none",
+    ),
+    (
+        "vaelab-train",
+        "model.free_bits=-1",
+        "model.free_bits=-1 is not allowed: model.free_bits must be a number >= 0, e.g. model.free_bits=0.5",
+    ),
+    (
+        "vaelab-train",
+        "model.kl_warmup_epochs=-2",
+        "model.kl_warmup_epochs=-2 is not allowed: model.kl_warmup_epochs must be an integer >= 0 (0: no warm-up), "
+        "e.g. model.kl_warmup_epochs=100",
+    ),
+    (
+        "vaelab-train",
+        "model.objective=iwae model.num_samples=0",  # two settings (split on the space)
+        "model.num_samples=0 is not allowed: model.num_samples must be a positive integer, e.g. model.num_samples=5",
+    ),
     ("vaelab-eval", "", f"ckpt_path is required, e.g. ckpt_path={CKPT}"),
     (
         "vaelab-eval",
@@ -96,7 +123,7 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, tool, override, 
     proc = run_cli(
         f"hydra.run.dir={run_dir}",
         *ckpt,
-        *([override] if override else []),
+        *override.split(),
         tool=tool,
         check=False,
         env={"VAELAB_DATA_DIR": str(data_dir)},

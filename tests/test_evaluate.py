@@ -273,19 +273,28 @@ def test_vaelab_eval_prepares_the_data_as_the_checkpoint_was_trained(tmp_path):
     ckpt = run / "checkpoints" / "last.ckpt"
     common = [f"ckpt_path={ckpt}", "num_images=200", "num_importance_samples=10", "noise_levels=[0]"]
     measures = [*QUICK_MEASURES, f"classifier.cache_dir={tmp_path / 'classifier'}"]
-    run_cli(*common, *measures, f"hydra.run.dir={tmp_path / 'as-trained'}", tool="vaelab-eval")
+    proc = run_cli(*common, *measures, f"hydra.run.dir={tmp_path / 'as-trained'}", tool="vaelab-eval")
     result = json.loads((tmp_path / "as-trained" / "eval.json").read_text())
     # the probe sees binary images, as the model did; the classifier and the Fréchet distance's real side see grey levels
     assert result["linear_probe_accuracy"] > result["linear_probe"]["chance"] + 0.2
     assert result["frechet"]["train_vs_test"] < 0.1 * result["frechet_distance"]
-    assert result["binarize"] == "dynamic" and result["likelihood"] == "bernoulli"
+    assert result["binarize"] == "dynamic" and result["likelihood"] == "bernoulli" and result["trained_binarize"] == "dynamic"
+    assert result["data_preparation"] == "binarize=dynamic, as the model was trained (the checkpoint records it)"
+    assert result["figures"] == result["notes"][0]
+    printed = proc.stdout + proc.stderr
+    assert "200 images, binarize=dynamic, as the model was trained (the checkpoint records it); nats/image:" in printed
     assert result["notes"][0] == "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"
     assert not any("although the model was trained" in note for note in result["notes"])
     assert result["nll_iwae_bpd"] == pytest.approx(result["nll_iwae"] / (784 * math.log(2)))
     off = ["linear_probe.enabled=false", "frechet.enabled=false"]
-    run_cli(*common, *off, "data.binarize=none", f"hydra.run.dir={tmp_path / 'grey'}", tool="vaelab-eval")
+    proc = run_cli(*common, *off, "data.binarize=none", f"hydra.run.dir={tmp_path / 'grey'}", tool="vaelab-eval")
     grey = json.loads((tmp_path / "grey" / "eval.json").read_text())
     assert grey["binarize"] == "none" and grey["notes"][0].startswith("nats per image; Bernoulli on grey levels, not a density")
+    assert grey["figures"].startswith("nats per image; Bernoulli on grey levels, not a density")
+    says = "binarize=none as asked, although the model was trained on binarize=dynamic"
+    assert grey["data_preparation"] == says and grey["trained_binarize"] == "dynamic"
+    assert f"200 images, {says}; nats/image:" in proc.stdout + proc.stderr
+    assert "Bernoulli on grey levels, not a density" in proc.stdout + proc.stderr
     assert "evaluated on data.binarize=none as asked, although the model was trained on dynamic" in grey["notes"]
     # other test images: grey levels, not the fixed binary draws (their reconstruction error differs)
     assert grey["noisy_inputs"][0]["mse"] != pytest.approx(result["noisy_inputs"][0]["mse"], rel=1e-2)

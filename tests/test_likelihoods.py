@@ -344,6 +344,47 @@ def test_shapes(name, kwargs, channels):
         lik.nll(torch.randn(b, lik.params_per_channel * channels + 1, h, w), x)
 
 
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("bernoulli", {}),
+        ("continuous_bernoulli", {}),
+        ("discretized_logistic", {}),
+        ("gaussian", {"scale": "global", "init_log_std": -1.5}),
+        ("gaussian", {"scale": "pixel"}),
+    ],
+)
+def test_colour_images_sum_over_every_channel(name, kwargs):
+    """An RGB image's -log p is the sum of its three channels' (each scored on its own parameters: the means first,
+    then the log-scales, `out.chunk(2, dim=1)`), and bits/dim divide by D = C*H*W = 3072 at 32x32."""
+    c, h, w = 3, 32, 32
+    rgb = L.build(name, c, **kwargs)
+    grey = L.build(name, 1, **kwargs)
+    out = torch.randn(2, rgb.params_per_channel * c, h, w, generator=_gen(21))
+    x = torch.randint(0, 256, (2, c, h, w), generator=_gen(22)) / 255
+    if name == "bernoulli":
+        x = x.round()
+    per_channel = [out[:, [ch + c * p for p in range(rgb.params_per_channel)]] for ch in range(c)]
+    summed = sum(grey.nll(o, x[:, ch : ch + 1]).double() for ch, o in enumerate(per_channel))
+    torch.testing.assert_close(rgb.nll(out, x).double(), summed, rtol=1e-5, atol=1e-3)
+    nats = 5000.0
+    offset = c * h * w * math.log(256) if rgb.dequantized else 0.0
+    assert L.bits_per_dim(nats, c * h * w, name) == pytest.approx((nats + offset) / (3072 * math.log(2)))
+
+
+def test_a_colour_vae_reports_bits_per_dim_over_all_its_dimensions():
+    """VAE.bits_per_dim (metrics.json, the TensorBoard *_bpd scalars) counts channels: D = 3*8*8 = 192."""
+    from conftest import dense_vae
+
+    for name, offset in (("discretized_logistic", 0.0), ("gaussian", 8.0)):
+        vae = dense_vae(image_shape=(3, 8, 8), likelihood=name)
+        assert vae.likelihood.channels == 3
+        assert vae.bits_per_dim(400.0) == pytest.approx(400.0 / (192 * math.log(2)) + offset)
+        x = torch.randint(0, 256, (4, 3, 8, 8), generator=_gen(23)) / 255
+        out = vae.decode(vae.encode(x)[0])
+        assert out.shape == (4, vae.likelihood.out_channels, 8, 8) and vae.likelihood.nll(out, x).shape == (4,)
+
+
 def test_build_rejects_unknown():
     assert L.NAMES == ("bernoulli", "continuous_bernoulli", "discretized_logistic", "gaussian")
     with pytest.raises(ValueError):

@@ -68,6 +68,34 @@ def test_dynamic_binarization_redraws_training_images_each_epoch_and_fixes_the_t
     assert len(grey.test_set[0].unique()) > 200
 
 
+def test_the_pictures_show_images_prepared_as_the_model_was_trained(datamodules):
+    """Under binarize=dynamic the pictures' training images are one fixed Bernoulli draw of the chosen grey images
+    (the model is never trained on grey levels), the validation images the data module's own fixed draws; with
+    binarize=static the data module's binary images as they are; with binarize=none grey levels, as before."""
+    from vaelab.callbacks import NotebookPictures, Reconstructions
+
+    def binary(images: torch.Tensor) -> bool:
+        return set(images.unique().tolist()) <= {0.0, 1.0}
+
+    for mode, dm in datamodules.items():
+        shown = Reconstructions(num_images=16, seed=3)
+        shown.choose(dm, "fit")
+        notebook = NotebookPictures(num_images=4, seed=3)
+        notebook.choose(dm, "fit")
+        chosen = shown.pick(dm.train_set, 16, "num_images")[0]  # as the data module holds them
+        assert binary(shown.inputs["train"]) == binary(notebook.train_images) == binary(shown.inputs["val"]) == (mode != "none")
+        if mode == "dynamic":
+            assert not binary(chosen)  # grey levels in the data module: training draws them afresh every epoch
+            again = Reconstructions(num_images=16, seed=3)
+            again.choose(dm, "fit")
+            assert torch.equal(again.inputs["train"], shown.inputs["train"])  # one draw: every epoch, every run
+            drawn = shown.inputs["train"]
+            assert torch.all(drawn[chosen == 0] == 0) and torch.all(drawn[chosen == 1] == 1)  # a draw of these images
+            assert drawn.mean().item() == pytest.approx(chosen.mean().item(), abs=0.02)
+        else:
+            assert torch.equal(shown.inputs["train"], chosen)
+
+
 # --- KL warm-up, free bits -----------------------------------------------------------------------------
 
 

@@ -189,6 +189,11 @@ def test_the_schemas_leave_the_config_groups_open(compose):
         (["model.likelihood=poisson"], "model.likelihood='poisson' is not allowed"),
         (["model.kl_warmup_epochs=-1"], "model.kl_warmup_epochs=-1 is not allowed"),
         (["model.num_samples=0"], "model.num_samples=0 is not allowed"),
+        (
+            ["model.binarize=dynamic"],
+            "model.binarize=dynamic is recorded in the checkpoint as how the data was prepared, so it must be "
+            "data.binarize (none); set data.binarize=dynamic instead",
+        ),
     ],
 )
 def test_objective_and_likelihood_settings(compose, overrides, message):

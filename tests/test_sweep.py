@@ -138,6 +138,11 @@ def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
     # each scalar written once (by rank 0): one val/loss point for one epoch, not one per rank
     assert len(acc.Scalars("val/loss")) == 1 and len(acc.Scalars("test/loss")) == 1
     assert acc.Scalars("val/loss")[0].value == pytest.approx(metrics["val/loss"], rel=1e-6)
+    # bits per dimension from the means over both ranks' images, once, beside the nats figure
+    for tag in ("val/nelbo", "test/nelbo", "test/nll_iwae"):
+        [nats], [bpd] = acc.Scalars(tag), acc.Scalars(f"{tag}_bpd")
+        assert nats.value == pytest.approx(metrics[tag], rel=1e-6) and bpd.step == nats.step
+        assert bpd.value == pytest.approx(metrics[tag] / (784 * math.log(2)), rel=1e-6)
     assert hparams_of_run(run_dir)["latent_dim"] == 256
 
 
@@ -154,6 +159,67 @@ def test_slurm_and_optuna_presets_compose():
     assert sweeper["_target_"].endswith("OptunaSweeper") and sweeper["direction"] == "minimize"
     assert set(sweeper["params"]) == {"latent_dim", "lr", "beta"} and "log" in sweeper["params"]["lr"]
     assert sweeper["max_failure_rate"] == 1.0
+
+
+def test_the_summary_gives_bits_per_dim_and_names_each_jobs_likelihood_and_binarization(tmp_path):
+    """summary.csv and summary.md from jobs' own records (no training): bits/dim and the IWAE figure beside the nats,
+    and the likelihood and binarization of each job, a Bernoulli on grey levels labelled as not a density."""
+    import json
+
+    from vaelab.sweep import write_summary
+
+    jobs = [
+        ("bernoulli", "none", {"val/recon": 240.0, "val/kl": 20.0, "test/nll_iwae": 255.0}),
+        ("discretized_logistic", "none", {"val/recon": 1500.0, "val/kl": 30.0, "test/nll_iwae": 1520.0}),
+        ("bernoulli", "dynamic", {"val/recon": 200.0, "val/kl": 25.0, "test/nll_iwae": 221.0}),
+    ]
+    for num, (likelihood, binarize, figures) in enumerate(jobs):
+        job_dir = tmp_path / f"{num}_job"
+        job_dir.mkdir()
+        nelbo = figures["val/recon"] + figures["val/kl"]
+        metrics = {
+            "likelihood": likelihood,
+            "binarize": binarize,
+            "figures": "...",
+            **figures,
+            "val/loss": nelbo,
+            "val/nelbo": nelbo,
+            "val/nelbo_bpd": nelbo / (784 * math.log(2)),
+            "test/loss": nelbo + 1,
+            "test/nelbo_bpd": (nelbo + 1) / (784 * math.log(2)),
+            "test/nll_iwae_bpd": figures["test/nll_iwae"] / (784 * math.log(2)),
+        }
+        (job_dir / "metrics.json").write_text(json.dumps(metrics))
+        (job_dir / "job_status.json").write_text(json.dumps({"job": num, "status": "ok", "epochs": 1, "wall_time_s": 3.0}))
+    write_summary(tmp_path)
+    rows = summary_rows(tmp_path)
+    assert [(r["likelihood"], r["binarize"]) for r in rows] == [
+        ("bernoulli", "dynamic"),
+        ("bernoulli", "none"),
+        ("discretized_logistic", "none"),
+    ]  # best val/nelbo first
+    for row in rows:
+        metrics = json.loads((tmp_path / row["dir"] / "metrics.json").read_text())
+        for key in ("val/nelbo_bpd", "test/nelbo_bpd", "test/nll_iwae", "test/nll_iwae_bpd"):
+            assert float(row[key]) == pytest.approx(metrics[key])
+    table = (tmp_path / "summary.md").read_text().splitlines()
+    header = [c.strip() for c in table[4].strip("|").split("|")]
+    assert {
+        "val/nelbo",
+        "val/nelbo_bpd",
+        "test/nelbo_bpd",
+        "test/nll_iwae",
+        "test/nll_iwae_bpd",
+        "likelihood",
+        "binarize",
+    } <= set(header)
+    cells = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in table[6:]]
+    assert [c["likelihood"] for c in cells] == [
+        "bernoulli",
+        "bernoulli (Bernoulli on grey levels, not a density)",
+        "discretized_logistic",
+    ]
+    assert cells[1]["val/nelbo_bpd"] == f"{260 / (784 * math.log(2)):.4f}"
 
 
 def test_objective_is_the_negative_elbo_and_never_nan():

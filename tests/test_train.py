@@ -35,6 +35,27 @@ def test_scalars_are_logged_and_training_learns(trained_run):
     assert acc.Scalars("val/loss")[-1].value == pytest.approx(read_metrics(trained_run)["val/loss"], rel=1e-6)
 
 
+def _bpd_pairs(acc, nats_tag: str) -> list[tuple[int, float, float]]:
+    """(step, nats, bits/dim) for each point of a nats scalar and its _bpd twin, matched by step."""
+    bpd = {e.step: e.value for e in acc.Scalars(f"{nats_tag}_bpd")}
+    nats = {e.step: e.value for e in acc.Scalars(nats_tag)}
+    assert bpd.keys() == nats.keys(), (nats_tag, nats.keys(), bpd.keys())
+    return [(step, nats[step], bpd[step]) for step in sorted(nats)]
+
+
+def test_bits_per_dim_are_tensorboard_scalars_too(trained_run):
+    """Bernoulli on 784 pixels: bits/dim = nats / (784 ln 2), logged beside each nats figure at the same step."""
+    acc = event_accumulator(trained_run)
+    metrics = read_metrics(trained_run)
+    for tag, points in (("val/nelbo", 2), ("test/nelbo", 1), ("test/nll_iwae", 1)):
+        pairs = _bpd_pairs(acc, tag)
+        assert len(pairs) == points
+        for _, nats, bpd in pairs:
+            assert bpd == pytest.approx(nats / (784 * math.log(2)), rel=1e-6)
+        assert pairs[-1][2] == pytest.approx(metrics[f"{tag}_bpd"], rel=1e-6)  # metrics.json's final figure
+    assert "val/nll_iwae_bpd" not in acc.Tags()["scalars"]  # no val/nll_iwae without val_iwae_every_n_epochs
+
+
 def test_hparams_tab_has_the_settings_and_final_val_loss(trained_run):
     acc = event_accumulator(trained_run)
     content = acc.PluginTagToContent("hparams")
@@ -131,7 +152,15 @@ def test_missing_data_fails_before_training_naming_three_ways(tmp_path):
 def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp_path, trained_run):
     """Dynamically binarized data, a KL warm-up: metrics.json and the HPARAMS tab say what the figures are."""
     run = tmp_path / "binary"
-    train_run(run, "epochs=2", "latent_dim=8", "data.binarize=dynamic", "model.kl_warmup_epochs=2", "model.eval_iwae_samples=5")
+    train_run(
+        run,
+        "epochs=2",
+        "latent_dim=8",
+        "data.binarize=dynamic",
+        "model.kl_warmup_epochs=2",
+        "model.eval_iwae_samples=5",
+        "model.val_iwae_every_n_epochs=2",
+    )
     report = json.loads((run / "metrics.json").read_text())
     assert report["likelihood"] == "bernoulli" and report["binarize"] == "dynamic"
     assert report["figures"] == "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"
@@ -140,6 +169,13 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
     acc = event_accumulator(run)
     betas = [e.value for e in acc.Scalars("train/beta")]  # logged with each train/loss window: 0 -> 1 over 2 epochs
     assert betas == sorted(betas) and 0 < betas[0] < 0.2 and betas[-1] > 0.9
+    assert (
+        "data.binarize=dynamic: each training image a fresh Bernoulli draw every epoch; validation and test images "
+        "binarized once (seeded), and so are the pictures' images"
+    ) in (run / "train.log").read_text()  # the run says how its data, the pictures' included, is prepared
+    # val/nll_iwae in the second epoch only, and its bits/dim with it
+    [(_, nats, bpd)] = _bpd_pairs(acc, "val/nll_iwae")
+    assert bpd == pytest.approx(nats / (784 * math.log(2)), rel=1e-6) and nats == pytest.approx(report["val/nll_iwae"])
     content = acc.PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
@@ -149,8 +185,15 @@ def test_figures_name_their_likelihood_and_data_and_come_in_bits_per_dim_too(tmp
 
 
 def test_the_default_figures_say_they_are_not_a_density(trained_run):
+    """metrics.json, the HPARAMS tab and the log label the default figures (a Bernoulli on grey levels)."""
+    says = "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
     report = json.loads((trained_run / "metrics.json").read_text())
-    assert report["figures"] == "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
+    assert report["figures"] == says and report["likelihood"] == "bernoulli" and report["binarize"] == "none"
+    content = event_accumulator(trained_run).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+    assert values["figures"] == says and values["likelihood"] == "bernoulli" and values["binarize"] == "none"
+    assert f"metrics ({says}): {{" in (trained_run / "train.log").read_text()  # the run's last lines say it too
 
 
 @pytest.mark.parametrize(
@@ -165,4 +208,9 @@ def test_other_likelihoods_train_from_the_shell(tmp_path, likelihood, says):
     train_run(run, "epochs=1", "latent_dim=8", f"model.likelihood={likelihood}", "model.eval_iwae_samples=3")
     report = json.loads((run / "metrics.json").read_text())
     assert says in report["figures"] and math.isfinite(report["test/nll_iwae_bpd"]) and report["test/nelbo_bpd"] > 0
+    offset = 8 if likelihood == "gaussian" else 0  # a density of dequantised data: + log2(256) bits per dimension
+    acc = event_accumulator(run)
+    for tag in ("val/nelbo", "test/nelbo", "test/nll_iwae"):
+        for _, nats, bpd in _bpd_pairs(acc, tag):
+            assert bpd == pytest.approx(nats / (784 * math.log(2)) + offset, rel=1e-6)
     assert list((run / "images").glob("samples_epoch000.png"))

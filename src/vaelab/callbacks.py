@@ -133,6 +133,15 @@ class PictureCallback(Callback):
         index = seeded_order(len(images), self.seed)[:n].to(images.device)
         return images[index], labels[index]
 
+    def pick_training(self, datamodule, n: int, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """n training images chosen as `pick` chooses them, prepared as training sees them: under
+        data.binarize=dynamic each is one Bernoulli draw of its grey levels, fixed by `seed` (training draws afresh
+        every epoch; the validation and test sets, and static training images, are binarized already)."""
+        images, labels = self.pick(datamodule.train_set, n, key)
+        if getattr(datamodule, "binarize", "none") != "dynamic":
+            return images, labels
+        return torch.bernoulli(images, generator=torch.Generator(device=images.device).manual_seed(self.seed)), labels
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         datamodule = trainer.datamodule
         if datamodule is None or not hasattr(datamodule, "val_set"):
@@ -195,7 +204,11 @@ class Reconstructions(PictureCallback):
     def choose(self, datamodule, stage: str) -> None:
         splits = ["train", "val"] if stage in FIT_STAGES else ["test"] if stage == "test" else []
         for split in splits:
-            self.inputs[split] = self.pick(getattr(datamodule, f"{split}_set"), self.num_images, "num_images")
+            self.inputs[split] = (
+                self.pick_training(datamodule, self.num_images, "num_images")
+                if split == "train"
+                else self.pick(getattr(datamodule, f"{split}_set"), self.num_images, "num_images")
+            )
 
     def draw(self, pl_module: LightningModule, split: str) -> torch.Tensor:
         x, y = self.inputs[split]
@@ -485,7 +498,7 @@ class NotebookPictures(PictureCallback):
 
     def choose(self, datamodule, stage: str) -> None:
         if stage in FIT_STAGES:
-            self.train_images, self.train_labels = self.pick(datamodule.train_set, self.num_images, "num_images")
+            self.train_images, self.train_labels = self.pick_training(datamodule, self.num_images, "num_images")
             self.test_images, self.test_labels = self.pick(datamodule.test_set, max(2, self.num_images), "num_images")
 
     def sampled_codes(self, pl_module: LightningModule, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

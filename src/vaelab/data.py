@@ -242,6 +242,13 @@ class TensorData(pl.LightningDataModule):
                     x, y = getattr(self, f"{split}_set")
                     generator = torch.Generator(device=x.device).manual_seed(self.split_seed * 1_000 + 7 + offset)
                     setattr(self, f"{split}_set", (torch.bernoulli(x, generator=generator), y))
+            log.info(
+                "data.binarize=%s: %s; validation and test images binarized once (seeded), and so are the pictures' images",
+                self.binarize,
+                "each training image a fresh Bernoulli draw every epoch"
+                if self.binarize == "dynamic"
+                else "every split binarized once",
+            )
 
     def _device(self) -> torch.device:
         # Hold the data where training runs (the GPU when there is one): batches then need no copy.

@@ -159,7 +159,10 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         "compared with the clean image",
     ]
     trained_on = str(hp.get("binarize", "none"))
-    if binarize != trained_on:
+    if binarize == trained_on:
+        preparation = f"binarize={binarize}, as the model was trained (the checkpoint records it)"
+    else:
+        preparation = f"binarize={binarize} as asked, although the model was trained on binarize={trained_on}"
         notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
     if conditioned:
         notes.append(CONDITIONED)
@@ -185,6 +188,9 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         "conditioned_on": "the true test labels" if conditioned else None,
         "likelihood": str(hp.likelihood),
         "binarize": binarize,
+        "trained_binarize": trained_on,
+        "data_preparation": preparation,
+        "figures": describe(hp.likelihood, binarize),
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
         "neg_elbo": per_image["neg_elbo"].mean().item(),
@@ -298,7 +304,7 @@ def summary(result: dict) -> str:
     m = result["model"]
     lines = [
         f"{result['ckpt_path']}: {m['name']} VAE, latent {m['latent_dim']}, objective {m['objective']}, denoise {m['denoise']}",
-        f"{result['dataset']} test set, {result['num_images']} images, nats/image:",
+        f"{result['dataset']} test set, {result['num_images']} images, {result['data_preparation']}; nats/image:",
         f"  negative ELBO  {result['neg_elbo']:9.2f}  (recon {result['recon']:.2f} + KL {result['kl']:.2f})",
         f"  -log p(x) IWAE {result['nll_iwae']:9.2f}  (K = {result['num_importance_samples']})",
         f"  bits/dim       {result['neg_elbo_bpd']:9.4f}  (-ELBO), {result['nll_iwae_bpd']:.4f} (IWAE)",
@@ -375,7 +381,7 @@ def run(cfg: DictConfig) -> dict:
     result = {**result, **extra, "notes": result["notes"] + extra["notes"]}
     title = (
         f"{cfg.ckpt_path}: latent {result['model']['latent_dim']}, "
-        f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})"
+        f"denoise={result['model']['denoise']} (noise_factor {result['model']['noise_factor']})\n{result['figures']}"
     )
     plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
     atomic_write(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")

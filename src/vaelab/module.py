@@ -34,6 +34,7 @@ from vaelab.likelihoods import bits_per_dim, build, dequantize
 
 OBJECTIVES = ("elbo", "notebook", "iwae")
 EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon", "nelbo", "nll_iwae")
+BPD_KEYS = ("nelbo", "nll_iwae")  # also logged in bits per dimension, as <stage>/<key>_bpd
 LOG_2PI = math.log(2 * math.pi)
 EVAL_SEED = 0  # the dequantisation noise and the importance samples of validation and test: the same every epoch
 
@@ -317,6 +318,23 @@ class VAE(pl.LightningModule):
 
     def test_step(self, batch, batch_idx):
         self._eval_step(batch[0], "test", batch[1])
+
+    def _log_bits_per_dim(self, stage: str) -> None:
+        """<stage>/nelbo_bpd and <stage>/nll_iwae_bpd, from the epoch's per-image means (already summed over the
+        ranks by torchmetrics: every rank logs the same value), for the figures computed this epoch."""
+        for key in BPD_KEYS:
+            mean = self.eval_means[f"{stage}_{key}"]
+            if mean.update_called:  # val/nll_iwae only every val_iwae_every_n_epochs epochs; none for the notebook
+                nats = mean.compute()
+                self.log(
+                    f"{stage}/{key}_bpd", bits_per_dim(nats, math.prod(self.image_shape), self.hparams.likelihood), sync_dist=True
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_bits_per_dim("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_bits_per_dim("test")
 
     def bits_per_dim(self, nats: float) -> float:
         return float(bits_per_dim(nats, math.prod(self.image_shape), self.hparams.likelihood))

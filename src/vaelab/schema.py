@@ -388,6 +388,12 @@ def check_combinations(cfg: DictConfig) -> None:
             f"(data.image_shape=[{','.join(str(d) for d in shape)}]): add model.likelihood=discretized_logistic "
             f"(or gaussian, or continuous_bernoulli), or binarize the pixels with data.binarize=dynamic"
         )
+    if "binarize" in model and model.get("binarize") != binarize:
+        # The checkpoint records model.binarize as the data's preparation: vaelab-eval prepares its data by it.
+        raise UserError(
+            f"model.binarize={model.get('binarize')} is recorded in the checkpoint as how the data was prepared, "
+            f"so it must be data.binarize ({binarize}); set data.binarize={model.get('binarize')} instead"
+        )
     if objective == "iwae" and model.get("free_bits"):
         raise UserError(
             f"model.free_bits={show(model.free_bits)} applies to the ELBO objective; with model.objective=iwae "

@@ -32,15 +32,24 @@ log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
 STATUSES = ("ok", "failed", "interrupted", "running")  # running: still going, or its process died unreported
-METRIC_COLUMNS = ("val/loss", "val/recon", "val/kl", "test/loss")
+METRIC_COLUMNS = (
+    "val/nelbo_bpd",
+    "val/loss",
+    "val/recon",
+    "val/kl",
+    "test/loss",
+    "test/nelbo_bpd",
+    "test/nll_iwae",
+    "test/nll_iwae_bpd",
+)
+LABELS = ("likelihood", "binarize")  # what the figures are, from each job's metrics.json
 COLUMNS = (
     "rank",
     "job",
     "status",
     "val/nelbo",
     *METRIC_COLUMNS,
-    "likelihood",
-    "binarize",
+    *LABELS,
     "epochs",
     "wall_time_s",
     "overrides",
@@ -133,7 +142,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "job": status.get("job"),
                 "status": status.get("status", "unknown"),
                 "val/nelbo": nelbo,
-                **{key: metrics.get(key) for key in (*METRIC_COLUMNS, "likelihood", "binarize")},
+                **{key: metrics.get(key) for key in (*METRIC_COLUMNS, *LABELS)},
                 "epochs": status.get("epochs") if status.get("status") == "ok" else None,
                 "wall_time_s": status.get("wall_time_s"),
                 "overrides": " ".join(status.get("overrides", [])),
@@ -162,6 +171,13 @@ def _cell(key: str, value: Any) -> str:
     return str(value)
 
 
+def _labelled(row: dict[str, Any]) -> str | None:
+    """The likelihood as summary.md names it: a Bernoulli on grey levels says its figures are not a density's."""
+    if row["likelihood"] == "bernoulli" and row["binarize"] == "none":
+        return "bernoulli (Bernoulli on grey levels, not a density)"
+    return row["likelihood"]
+
+
 def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
     """summary.csv (every figure in full) and summary.md (a table to read) in sweep_dir."""
     rows = collect(sweep_dir)
@@ -178,14 +194,14 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         f"{len(rows)} jobs: {counts['ok']} ok, {counts['failed']} failed"
         + "".join(f", {counts[s]} {s}" for s in STATUSES[2:] if counts[s])
         + ". Best first, by val/nelbo = val/recon + val/kl (the negative ELBO, nats per image; "
-        "val/loss when beta = 1), under each job's likelihood and binarization (Bernoulli with binarize=none: "
-        "on grey levels, not a density). Wall time in seconds.",
+        "val/loss when beta = 1), under each job's likelihood and binarization; *_bpd: the same figure in bits per "
+        "dimension; test/nll_iwae: the IWAE estimate of -log p(x) (K = model.eval_iwae_samples). Wall time in seconds.",
         "",
         "| " + " | ".join(MD_COLUMNS) + " |",
         "|" + "---|" * len(MD_COLUMNS),
     ]
     for row in rows:
-        cells = [_cell(k, row[k]).replace("|", "\\|") for k in MD_COLUMNS]
+        cells = [_cell(k, _labelled(row) if k == "likelihood" else row[k]).replace("|", "\\|") for k in MD_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write(sweep_dir / "summary.md", "\n".join(lines) + "\n")
     return rows

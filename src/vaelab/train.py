@@ -46,6 +46,8 @@ def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         "data": str(cfg.data.dataset),
         "likelihood": str(cfg.model.get("likelihood", "bernoulli")),
         "binarize": str(cfg.data.get("binarize", "none")),
+        # what the figures are (vaelab.likelihoods.describe): e.g. "Bernoulli on grey levels, not a density"
+        "figures": describe(str(cfg.model.get("likelihood", "bernoulli")), str(cfg.data.get("binarize", "none"))),
         "kl_warmup_epochs": int(cfg.model.get("kl_warmup_epochs", 0)),
         "free_bits": float(cfg.model.get("free_bits", 0.0)),
         "num_samples": int(cfg.model.get("num_samples", 1)),
@@ -347,14 +349,9 @@ def run(start: Start) -> dict[str, float]:
                     logger.log_hyperparams(hparams_of(cfg))
                     logger.log_metrics(metrics, step=trainer.global_step)
                     logger.finalize("success")  # written out (Lightning finalized them after the test: once more)
-            report = {
-                "likelihood": hparams_of(cfg)["likelihood"],
-                "binarize": hparams_of(cfg)["binarize"],
-                "figures": describe(hparams_of(cfg)["likelihood"], hparams_of(cfg)["binarize"]),
-                **metrics,
-            }
+            report = {key: hparams_of(cfg)[key] for key in ("likelihood", "binarize", "figures")} | metrics
             atomic_write(run_dir / "metrics.json", json.dumps(report, indent=2) + "\n")  # last: the run is complete
-            log.info("metrics: %s", json.dumps(metrics))
+            log.info("metrics (%s): %s", report["figures"], json.dumps(metrics))
             log.info("run directory: %s", run_dir)
     return metrics
 
