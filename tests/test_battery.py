@@ -86,6 +86,34 @@ SETTINGS = [
     ("vaelab-generate", "num_steps=1", "num_steps=1 is not allowed: num_steps must be an integer >= 2"),
     ("vaelab-generate", "num_pairs=0", "num_pairs=0 is not allowed"),
     ("vaelab-generate", "interpolate=perhaps", "interpolate=perhaps is not allowed: interpolate must be true or false"),
+    # numbers that are not finite, where a finite one is meant
+    ("vaelab-train", "lr=nan", "lr=nan is not allowed: lr must be a number > 0, e.g. lr=1e-3"),
+    ("vaelab-train", "noise_factor=inf", "noise_factor=inf is not allowed: noise_factor must be a number in [0, 1]"),
+    ("vaelab-train", "model.free_bits=inf", "model.free_bits=inf is not allowed: model.free_bits must be a number >= 0"),
+    ("vaelab-train", "callbacks.traversals.range_std=nan", "callbacks.traversals.range_std=nan is not allowed"),
+    ("vaelab-eval", "active_unit_threshold=inf", "active_unit_threshold=inf is not allowed: active_unit_threshold must be"),
+    ("vaelab-eval", "noise_levels=[a]", "noise_levels=[a] is not allowed: noise_levels must be a non-empty list"),
+    # settings added with the likelihoods, the image folders and the pictures
+    ("vaelab-train", "model.likelihood=poisson", "model.likelihood='poisson' is not allowed: model.likelihood must be one of"),
+    ("vaelab-train", "model.kl_warmup_epochs=1.5", "model.kl_warmup_epochs=1.5 is not allowed: model.kl_warmup_epochs must be"),
+    ("vaelab-train", "data.binarize=yes", "data.binarize='yes' is not allowed: data.binarize must be one of none, dynamic"),
+    ("vaelab-train", "batch_size=-5", "batch_size=-5 is not allowed: batch_size must be a positive integer"),
+    ("vaelab-train", "callbacks.traversals.kl_images=abc", "callbacks.traversals.kl_images='abc' is not allowed"),
+    ("vaelab-train", "data=image_folder", "data.path is required, e.g. data.path=path/to/images"),
+    # a YAML interpolation typed where a value belongs
+    ("vaelab-train", "latent_dim=${oc.env:HOME}", "latent_dim cannot be read (While dereferencing interpolation"),
+    # typed settings without a range: the type error names the fix too
+    ("vaelab-train", "overwrite=maybe", "overwrite=maybe is not allowed: overwrite must be true or false, e.g. overwrite=false"),
+    ("vaelab-eval", "allow_networks=abc", "allow_networks=abc is not allowed: allow_networks must be a list of dotted"),
+    ("vaelab-generate", "allow_networks=['']", "allow_networks=[''] is not allowed: allow_networks must be a list of dotted"),
+    # an empty path would mean the working directory: nothing may be written there
+    ("vaelab-train", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
+    ("vaelab-eval", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
+    ("vaelab-train", "data.data_dir=", "data.data_dir='' is not allowed: data.data_dir must be a non-empty string"),
+    ("vaelab-train", "resume_from=", "resume_from='' is not allowed: resume_from must be a path or null"),
+    ("vaelab-train", "ckpt_path=", "ckpt_path='' is not allowed: ckpt_path must be a path or null"),
+    ("vaelab-train", "callbacks.model_checkpoint.dirpath=", "callbacks.model_checkpoint.dirpath='' is not allowed"),
+    ("vaelab-train", "logger=csv logger.csv.save_dir=", "logger.csv.save_dir='' is not allowed: logger.csv.save_dir must be"),
 ]
 
 
@@ -96,13 +124,14 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, tool, override, 
     proc = run_cli(
         f"hydra.run.dir={run_dir}",
         *ckpt,
-        *([override] if override else []),
+        *override.split(),
         tool=tool,
         check=False,
         env={"VAELAB_DATA_DIR": str(data_dir)},
+        cwd=tmp_path,  # an empty path must not mean this directory: nothing may appear in it
     )
     assert one_line(proc, f"{tool}: error: ").startswith(f"{tool}: error: {says}")
-    assert not run_dir.exists() and not data_dir.exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_settings_checks_take_a_fraction_of_a_second(tmp_path):

@@ -158,6 +158,9 @@ class RunDirectory(HydraCallback):
 
     @staticmethod
     def fresh(config: DictConfig, directory: str, given: bool, setting: str, names: tuple[str, ...], app: str) -> Path:
+        if not directory.strip():  # Path("") is the working directory: a run would be written into it
+            key = setting.split("=")[0]
+            raise UserError(f"{key}={directory!r} is empty; name a new directory, e.g. {key}=outputs/my-run")
         path = Path(directory)
         found = outputs_in(path, names) + (
             [p.name for p in path.iterdir() if p.is_dir() and outputs_in(p)] if names is SWEEP_OUTPUTS and path.is_dir() else []
