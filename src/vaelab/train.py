@@ -90,8 +90,10 @@ def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dic
         )
     # The same rule as vaelab-eval's: only network classes, with plain data (the config's own are trusted).
     check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own_networks(cfg))
-    loops = checkpoint.get("loops") or {}
-    step = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped", checkpoint["global_step"])
+    fit_loop = checkpoint["loops"].get("fit_loop")  # the types of what is read here: vaelab.checkpoints.check_contents
+    epoch_loop = fit_loop.get("epoch_loop.state_dict") if isinstance(fit_loop, dict) else None
+    step = epoch_loop.get("_batches_that_stepped") if isinstance(epoch_loop, dict) else None
+    step = step if isinstance(step, int) else checkpoint["global_step"]
     return checkpoint, ResumePoint(
         path=path,
         epoch=int(checkpoint["epoch"]),
@@ -247,7 +249,7 @@ def run(start: Start) -> dict[str, float]:
     import pytorch_lightning as pl
     import torch
 
-    from vaelab.checkpoints import check_fits
+    from vaelab.checkpoints import check_fits, check_optimizer_state
     from vaelab.guards import for_run, interruptions
     from vaelab.hardware import check_accelerator
 
@@ -261,6 +263,7 @@ def run(start: Start) -> dict[str, float]:
     model: pl.LightningModule = build(cfg.model, "model")
     if start.checkpoint is not None:
         check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
+        check_optimizer_state(model, start.checkpoint, f"the checkpoint {point.path}")
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
