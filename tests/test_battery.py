@@ -140,6 +140,18 @@ def test_the_settings_checks_take_a_fraction_of_a_second(tmp_path):
     assert time.perf_counter() - started < 5  # no torch import, no data (about 0.5 s here; benchmarks/startup_checks.py)
 
 
+@pytest.mark.skipif(
+    Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+    reason="with overcommit always on, a huge allocation succeeds and the OOM killer ends the process instead",
+)
+def test_a_size_too_large_for_memory_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(f"hydra.run.dir={run_dir}", "latent_dim=1000000000", check=False, cwd=tmp_path)
+    line = one_line(proc, "vaelab-train: error: out of memory (")
+    assert "(the largest number given: latent_dim=1000000000); make it smaller (latent_dim, batch_size" in line
+    assert not (run_dir / "checkpoints").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize(
     "tool,args",
@@ -283,6 +295,23 @@ def test_an_unwritable_output_dir(tmp_path, where, says):
     proc = run_cli(f"hydra.run.dir={run_dir}", check=False)
     line = one_line(proc, f"vaelab-train: error: cannot write the output directory {run_dir}: {says}")
     assert line.endswith("choose a writable one with hydra.run.dir=<dir> or paths.log_dir=<dir>")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    "setting,where,says",
+    [
+        ("logger.tensorboard.save_dir", "/proc/vaelab-test", "No such file or directory"),
+        ("callbacks.model_checkpoint.dirpath", "file/checkpoints", "Not a directory"),
+        ("callbacks.samples.image_dir", "/proc/vaelab-test/images", "No such file or directory"),  # its parent is named
+    ],
+)
+def test_a_folder_a_setting_names_that_cannot_be_made_names_that_setting(tmp_path, setting, where, says):
+    (tmp_path / "file").write_text("keep me")
+    folder = where if where.startswith("/") else str(tmp_path / where)
+    proc = train_run(tmp_path / "run", "epochs=1", "trainer.limit_train_batches=2", f"{setting}={folder}", check=False)
+    line = one_line(proc, f"vaelab-train: error: cannot write {folder.removesuffix('/images')}: {says}. Everything written")
+    assert f"choose another place with {setting}=<dir>" in line
     assert (tmp_path / "file").read_text() == "keep me"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from vaelab.errors import UserError, one_line, show
+from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
 from vaelab.files import atomic_write
 from vaelab.schema import RULES
 
@@ -252,5 +252,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_network
     except UserError:
         raise
     except Exception as err:  # hyperparameters the networks do not take
+        if out_of_memory(err):  # e.g. a crafted latent_dim: the checkpoint's sizes, not the user's settings
+            raise UserError(f"cannot rebuild the VAE from checkpoint {path}: {memory_message(out_of_memory(err))}") from None
         raise UserError(f"cannot rebuild the VAE from checkpoint {path}: {type(err).__name__}: {one_line(err)[:300]}") from None
     return vae.to(device).eval()

@@ -63,6 +63,38 @@ def disk_message(err: OSError, setting: str = "hydra.run.dir=<dir>") -> str:
     )
 
 
+def out_of_memory(err: BaseException | None) -> BaseException | None:
+    """The allocation failure behind `err` (torch's CPU or CUDA allocator, Python's MemoryError), if there is one."""
+    seen = 0
+    while err is not None and seen < 20:
+        text = str(err)
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def memory_message(err: BaseException) -> str:
+    """Too little memory: how much was asked for, and the largest number the user typed (the likely culprit)."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(err))
+    amount = (
+        ""
+        if asked is None
+        else f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)"
+        if asked.group(1)
+        else f" ({asked.group(2)} at once)"
+    )
+    typed = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in sys.argv[1:] if "=" in a and a.split("=", 1)[1].isdigit()]
+    largest = max(typed, key=lambda kv: int(kv[1]), default=None)
+    culprit = f" (the largest number given: {largest[0]}={largest[1]})" if largest else ""
+    return (
+        f"out of memory{amount}: a size is too large for this machine{culprit}; make it smaller (latent_dim, batch_size, "
+        f"model.encoder.channels, data.image_size, num_samples, pairs_per_pass) or use a machine with more memory"
+    )
+
+
 def build(node, key: str, **kwargs):
     """hydra.utils.instantiate(node), with a constructor's complaint about its settings as one line naming the
     config key (a UserError raised inside passes through as it is)."""
@@ -73,6 +105,8 @@ def build(node, key: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
+        if out_of_memory(err):
+            raise  # message_for says it in one line
         cause = err.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:  # nested targets
             cause = cause.__cause__
@@ -158,6 +192,8 @@ def message_for(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
         return disk_message(err)
+    if out_of_memory(err) is not None:
+        return memory_message(out_of_memory(err))
     if isinstance(err, Exception) and not _USER_WANTS_TRACEBACKS:
         return hydra_message(err)
     return None

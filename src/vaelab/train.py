@@ -7,6 +7,7 @@ The console script (vaelab.cli) has already claimed and locked the run directory
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -216,13 +217,15 @@ def build_logger(name: str, node: DictConfig, point: ResumePoint | None):
 
 
 @contextlib.contextmanager
-def named_disk_faults(run_dir: Path) -> Iterator[None]:
+def named_disk_faults(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """A full or unwritable disk during the run: the file (TensorBoard's event writer does not say which: its
-    folder then) and how to go on."""
+    folder then), the setting that moves it (a logger's save_dir or a callback's dirpath when the file is theirs,
+    else hydra.run.dir) and how to go on. A folder a setting names that cannot be created is a fault of that kind."""
     try:
         yield
     except OSError as err:
-        if err.errno not in DISK_ERRNOS:
+        setting = setting_for(cfg, run_dir, err.filename)
+        if err.errno not in DISK_ERRNOS and not (setting and err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST)):
             raise
         named = err if err.filename else OSError(err.errno, err.strerror, str(run_dir / "tensorboard"))
         then = (
@@ -230,7 +233,22 @@ def named_disk_faults(run_dir: Path) -> Iterator[None]:
             if rundir.newest_checkpoint(run_dir, OmegaConf.create({}))
             else "; then start the run again"
         )
-        raise UserError(disk_message(named) + then) from None
+        raise UserError(disk_message(named, f"{setting or 'hydra.run.dir'}=<dir>") + then) from None
+
+
+def setting_for(cfg: DictConfig, run_dir: Path, filename: str | None) -> str | None:
+    """The logger or callback setting whose folder holds `filename` (or is made inside it), when that folder is not in
+    the run directory."""
+    if not filename or str(filename).startswith(str(run_dir)):
+        return None
+    found = []
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            for key in schema.PATH_KEYS if isinstance(node, DictConfig) else ():
+                folder, failed = str(node.get(key) or "").rstrip("/") + "/", str(filename).rstrip("/") + "/"
+                if folder != "/" and (failed.startswith(folder) or folder.startswith(failed)):  # in it, or a parent
+                    found.append((len(folder), f"{group}.{name}.{key}"))
+    return max(found)[1] if found else None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -271,7 +289,7 @@ def run(start: Start) -> dict[str, float]:
         rundir.record_resume(run_dir, cfg, list(start.overrides))
         rundir.continue_log()
 
-    with recorded(), named_disk_faults(run_dir):
+    with recorded(), named_disk_faults(run_dir, cfg):
         fit_done = fit_is_done(cfg, point)
         with interruptions(trainer, run_dir):
             trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, weights_only=True)
