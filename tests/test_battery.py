@@ -134,6 +134,29 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, tool, override, 
     assert list(tmp_path.iterdir()) == []
 
 
+CHECKPOINT_PATHS = [
+    (tool, where)
+    for tool in ("vaelab-train", "vaelab-eval", "vaelab-generate")
+    for where in ("missing dir/last.ckpt", "a run dir")
+]
+
+
+@pytest.mark.parametrize("tool,where", CHECKPOINT_PATHS)
+def test_a_checkpoint_path_that_is_not_a_file_stops_before_anything_is_written(tmp_path, tool, where):
+    """Checked with the settings (no torch import, no run directory): a path with a space, and a run directory
+    where its checkpoint was meant."""
+    (tmp_path / "a run dir" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a run dir" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    before = snapshot(tmp_path)
+    proc = run_cli(f"ckpt_path={tmp_path / where}", f"hydra.run.dir={tmp_path / 'out'}", tool=tool, check=False)
+    if where == "a run dir":
+        says = f"ckpt_path={tmp_path / where}: {tmp_path / where} is a directory, not a .ckpt file; did you mean "
+        assert one_line(proc, f"{tool}: error: {says}").endswith(f"ckpt_path={tmp_path / where}/checkpoints/last.ckpt?")
+    else:
+        one_line(proc, f"{tool}: error: checkpoint {tmp_path / where} not found; pass ckpt_path=<run dir>/checkpoints/")
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
 def test_the_settings_checks_take_a_fraction_of_a_second(tmp_path):
     started = time.perf_counter()
     one_line(run_cli(f"hydra.run.dir={tmp_path / 'run'}", "latent_dim=0", check=False), "vaelab-train: error: latent_dim=0")

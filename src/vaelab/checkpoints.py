@@ -27,12 +27,12 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
 from vaelab.files import atomic_write
-from vaelab.schema import RULES
+from vaelab.schema import CHECKPOINT_HINT, RULES
 
 NETWORK_MODULES = ("vaelab.networks", "torch.nn")
 PLAIN = (str, int, float, bool, type(None))
 SPECIAL_KEYS = {"_target_", "_args_", "_recursive_", "_convert_"}
-HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
+HINT = CHECKPOINT_HINT
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -400,6 +401,20 @@ def check_loggers(cfg: DictConfig) -> None:
                 f"logger.{name} ({target}) needs {needs[0]}, which is not installed: pip install 'vaelab[{needs[2]}]' "
                 f"(or choose loggers without it, e.g. logger=tensorboard)"
             )
+
+
+CHECKPOINT_HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
+
+
+def check_checkpoint_file(value: str) -> None:
+    """The checkpoint ckpt_path names is a file (what it holds is checked when it is read: vaelab.checkpoints)."""
+    path = Path(value)
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.ckpt"
+        better = f"did you mean ckpt_path={inside}?" if inside.exists() else CHECKPOINT_HINT
+        raise UserError(f"ckpt_path={value}: {path} is a directory, not a .ckpt file; {better}")
+    if not path.exists():
+        raise UserError(f"checkpoint {value} not found; {CHECKPOINT_HINT}")
 
 
 def check(cfg: DictConfig, command: str) -> None:

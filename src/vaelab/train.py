@@ -11,6 +11,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,12 +151,8 @@ def prepare(cfg: DictConfig) -> Start:
     rundir.lock(run_dir)
     if cfg.get("ckpt_path") in (None, ""):
         return Start(cfg, run_dir)
+    schema.check_checkpoint_file(str(cfg.ckpt_path))
     path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise UserError(
-            f"ckpt_path={cfg.ckpt_path}: no such checkpoint file; pass a .ckpt from a run's checkpoints/ "
-            f"folder (to continue a run in its own directory: vaelab-train resume_from=<run dir>)"
-        )
     checkpoint, point = read_training_checkpoint(path, f"ckpt_path={cfg.ckpt_path}", cfg)
     return Start(cfg, run_dir, checkpoint, point)
 
@@ -178,7 +175,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     if (run_dir / "metrics.json").exists() and (fit_is_done(cfg, point) or not extends):  # e.g. stopped early
         raise UserError(
             f"{run_dir} has nothing left to do: it trained {point.epoch + 1} epochs and has its "
-            f"metrics.json; to train it further: vaelab-train resume_from={run_dir} epochs=<more>",
+            f"metrics.json; to train it further: vaelab-train resume_from={shlex.quote(str(run_dir))} epochs=<more>",
             exit_code=0,
         )
     return Start(cfg, run_dir, checkpoint, point, overrides, resumed=True)
@@ -229,7 +226,7 @@ def named_disk_faults(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
             raise
         named = err if err.filename else OSError(err.errno, err.strerror, str(run_dir / "tensorboard"))
         then = (
-            f"; then continue with: vaelab-train resume_from={run_dir}"
+            f"; then continue with: vaelab-train resume_from={shlex.quote(str(run_dir))}"
             if rundir.newest_checkpoint(run_dir, OmegaConf.create({}))
             else "; then start the run again"
         )
