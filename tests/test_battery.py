@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, DATA_DIR, FAST, one_line, run_cli, run_with_file_limit, snapshot, train_run
+from conftest import BIN, DATA_DIR, FAST, finished, one_line, run_cli, run_with_file_limit, snapshot, start, train_run
 
 CKPT = "outputs/<date>/<time>/checkpoints/last.ckpt"
 
@@ -294,6 +295,28 @@ def test_a_download_that_fails_is_one_line(tmp_path):
     )
     line = one_line(proc, "vaelab-train: error: downloading MNIST with torchvision failed")
     assert f"put the four IDX files in {tmp_path}/mnist/MNIST/raw" in line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_vaelab_eval_stopped_by_a_signal_says_so(tmp_path, trained_run, signum):
+    """Outside training (no Lightning to catch it) SIGTERM ended vaelab-eval without a word."""
+    run_dir = tmp_path / "eval"
+    before = snapshot(trained_run)
+    args = [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={run_dir}", "num_importance_samples=5000"]
+    proc = start(*args, tool="vaelab-eval", log=tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while "as the checkpoint's model was trained" not in (
+        (run_dir / "eval.log").read_text() if (run_dir / "eval.log").exists() else ""
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    name = signal.Signals(signum).name
+    line = one_line(
+        finished(proc, tmp_path / "log"), f"vaelab-eval: interrupted: stopped by {name}; eval.json is written only", 128 + signum
+    )
+    assert line.endswith("run it again for the results") and f"stopped by {name}" in (run_dir / "eval.log").read_text()
+    assert not (run_dir / "eval.json").exists() and snapshot(trained_run) == before
 
 
 # --- output directories and disks -----------------------------------------------------------------------------

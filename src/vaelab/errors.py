@@ -211,13 +211,35 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
-        _exit(prog, "interrupted", "stopped by SIGINT before training started", 130)
+        before = "training started" if prog == "vaelab-train" else "any result was written"
+        _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
     except (Exception, Interrupted) as err:
         message = message_for(err)
         if message is None:
             raise
         code = getattr(err, "exit_code", 1)
         _exit(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, code)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(unfinished: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a command without a trainer works (vaelab-eval, vaelab-generate) becomes
+    Interrupted, saying what was left unwritten (SIGTERM ended such a command without a word). Training has
+    Lightning's handling (vaelab.guards.interruptions); a handler someone else installed (a sweep's) is kept."""
+    import signal
+
+    def stop(signum, frame) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {unfinished}", signum)
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) is default}
+    for signum in previous:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def quiet_threads() -> None:
