@@ -387,6 +387,18 @@ def test_a_run_directory_is_not_written_over(tmp_path, trained_run, tool, args):
     assert snapshot(run_dir) == before
 
 
+@pytest.mark.parametrize("tool", ["vaelab-eval", "vaelab-generate", "vaelab-train"])
+def test_overwrite_true_never_removes_the_checkpoint_it_reads(tmp_path, trained_run, tool):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_cli(f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", "overwrite=true", tool=tool, check=False)
+    line = one_line(proc, f"{tool}: error: overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir=")
+    assert line.endswith("write the results to another directory (hydra.run.dir=<new dir>)")
+    assert snapshot(run_dir) == before
+
+
 def test_overwrite_true_replaces_the_old_run(tmp_path, trained_run):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)

@@ -176,8 +176,19 @@ class RunDirectory(HydraCallback):
                 f"({', '.join(found[:3])}){resume}; choose a new directory, or add overwrite=true to replace it"
             )
         if given and found:
+            _keep_inputs(config, path, found)
             _remove_outputs(path, found)
         return claim(path, unique=not given, setting=f"{setting} or paths.log_dir=<dir>")
+
+
+def _keep_inputs(config: DictConfig, directory: Path, found: list[str]) -> None:
+    """overwrite=true removes a run's outputs, never the checkpoint the command is about to read."""
+    ckpt = config.get("ckpt_path")
+    if ckpt and any(os.path.realpath(ckpt).startswith(os.path.realpath(directory / name) + os.sep) for name in found):
+        raise UserError(
+            f"overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir={directory}; "
+            f"write the results to another directory (hydra.run.dir=<new dir>)"
+        )
 
 
 def _not_empty(directory: str, key: str) -> None:
