@@ -361,6 +361,21 @@ def test_a_folder_a_setting_names_that_cannot_be_made_names_that_setting(tmp_pat
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_a_directory_where_a_result_file_goes(tmp_path, trained_run):
+    """metrics.json is written last, over a directory someone put there: one line, the directory kept."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "metrics.json").mkdir()
+    (run_dir / "metrics.json" / "keep").write_text("mine")
+    proc = run_cli(f"resume_from={run_dir}", "epochs=3", "trainer.limit_train_batches=2", check=False)
+    line = one_line(proc, f"vaelab-train: error: cannot write {run_dir}/metrics.json: a directory is in the way (Is a")
+    assert line.endswith(
+        f"move it away, or choose another place with hydra.run.dir=<dir>; then continue with: vaelab-train resume_from={run_dir}"
+    )
+    assert (run_dir / "metrics.json" / "keep").read_text() == "mine"
+
+
 def test_a_full_disk_while_event_files_are_written(tmp_path):
     """A file-size limit (ulimit -f; Python ignores SIGXFSZ, so writes fail with EFBIG) below the pictures' size."""
     run_dir = tmp_path / "run"

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 # OS errors that mean "this location cannot take (or give) the data": a line, not a traceback.
 # EFBIG is what a file-size limit (ulimit -f) gives, a full disk in miniature.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
+IN_THE_WAY = {errno.EISDIR: "a directory is in the way", errno.ENOTDIR: "a file is in the way"}
 
 
 class UserError(Exception):
@@ -57,10 +58,13 @@ def show(value: object) -> str:
 def disk_message(err: OSError, setting: str = "hydra.run.dir=<dir>") -> str:
     """A disk fault: the path, what the system said, and the setting that moves it elsewhere."""
     verb = "cannot access" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # a permission error may be a read
-    return (
-        f"{verb} {err.filename or 'the disk'}: {err.strerror or err}. Everything written before is kept; "
-        f"free some space or choose another place with {setting}"
+    fix = (
+        f"move it away, or choose another place with {setting}"
+        if err.errno in IN_THE_WAY
+        else (f"free some space or choose another place with {setting}")
     )
+    what = f"{IN_THE_WAY[err.errno]} ({err.strerror})" if err.errno in IN_THE_WAY else err.strerror or err
+    return f"{verb} {err.filename or 'the disk'}: {what}. Everything written before is kept; {fix}"
 
 
 def out_of_memory(err: BaseException | None) -> BaseException | None:
