@@ -348,7 +348,7 @@ def test_an_unwritable_output_dir(tmp_path, where, says):
     "setting,where,says",
     [
         ("logger.tensorboard.save_dir", "/proc/vaelab-test", "No such file or directory"),
-        ("callbacks.model_checkpoint.dirpath", "file/checkpoints", "Not a directory"),
+        ("callbacks.model_checkpoint.dirpath", "file/checkpoints", "a file is in the way (Not a directory)"),
         ("callbacks.samples.image_dir", "/proc/vaelab-test/images", "No such file or directory"),  # its parent is named
     ],
 )
