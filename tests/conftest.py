@@ -162,7 +162,8 @@ def pause_at(marker: Path, stage: str = "train", epoch: int = 1, batch: int = 5)
     ]
 
 
-PAUSING_ENV = {"PYTHONPATH": str(REPO / "tests")}
+# tests/ added to the caller's PYTHONPATH (which may point at a checkout's src/ other than the installed one)
+PAUSING_ENV = {"PYTHONPATH": os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH")) if p)}
 
 
 def start(*args: str, tool: str = "vaelab-train", log: Path, env: dict | None = None) -> subprocess.Popen:

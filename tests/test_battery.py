@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, DATA_DIR, FAST, one_line, run_cli, run_with_file_limit, snapshot, train_run
+from conftest import BIN, DATA_DIR, FAST, finished, one_line, run_cli, run_with_file_limit, snapshot, start, train_run
 
 CKPT = "outputs/<date>/<time>/checkpoints/last.ckpt"
 
@@ -113,6 +114,34 @@ SETTINGS = [
     ("vaelab-generate", "num_steps=1", "num_steps=1 is not allowed: num_steps must be an integer >= 2"),
     ("vaelab-generate", "num_pairs=0", "num_pairs=0 is not allowed"),
     ("vaelab-generate", "interpolate=perhaps", "interpolate=perhaps is not allowed: interpolate must be true or false"),
+    # numbers that are not finite, where a finite one is meant
+    ("vaelab-train", "lr=nan", "lr=nan is not allowed: lr must be a number > 0, e.g. lr=1e-3"),
+    ("vaelab-train", "noise_factor=inf", "noise_factor=inf is not allowed: noise_factor must be a number in [0, 1]"),
+    ("vaelab-train", "model.free_bits=inf", "model.free_bits=inf is not allowed: model.free_bits must be a number >= 0"),
+    ("vaelab-train", "callbacks.traversals.range_std=nan", "callbacks.traversals.range_std=nan is not allowed"),
+    ("vaelab-eval", "active_unit_threshold=inf", "active_unit_threshold=inf is not allowed: active_unit_threshold must be"),
+    ("vaelab-eval", "noise_levels=[a]", "noise_levels=[a] is not allowed: noise_levels must be a non-empty list"),
+    # settings added with the likelihoods, the image folders and the pictures
+    ("vaelab-train", "model.likelihood=poisson", "model.likelihood='poisson' is not allowed: model.likelihood must be one of"),
+    ("vaelab-train", "model.kl_warmup_epochs=1.5", "model.kl_warmup_epochs=1.5 is not allowed: model.kl_warmup_epochs must be"),
+    ("vaelab-train", "data.binarize=yes", "data.binarize='yes' is not allowed: data.binarize must be one of none, dynamic"),
+    ("vaelab-train", "batch_size=-5", "batch_size=-5 is not allowed: batch_size must be a positive integer"),
+    ("vaelab-train", "callbacks.traversals.kl_images=abc", "callbacks.traversals.kl_images='abc' is not allowed"),
+    ("vaelab-train", "data=image_folder", "data.path is required, e.g. data.path=path/to/images"),
+    # a YAML interpolation typed where a value belongs
+    ("vaelab-train", "latent_dim=${oc.env:HOME}", "latent_dim cannot be read (While dereferencing interpolation"),
+    # typed settings without a range: the type error names the fix too
+    ("vaelab-train", "overwrite=maybe", "overwrite=maybe is not allowed: overwrite must be true or false, e.g. overwrite=false"),
+    ("vaelab-eval", "allow_networks=abc", "allow_networks=abc is not allowed: allow_networks must be a list of dotted"),
+    ("vaelab-generate", "allow_networks=['']", "allow_networks=[''] is not allowed: allow_networks must be a list of dotted"),
+    # an empty path would mean the working directory: nothing may be written there
+    ("vaelab-train", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
+    ("vaelab-eval", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
+    ("vaelab-train", "data.data_dir=", "data.data_dir='' is not allowed: data.data_dir must be a non-empty string"),
+    ("vaelab-train", "resume_from=", "resume_from='' is not allowed: resume_from must be a path or null"),
+    ("vaelab-train", "ckpt_path=", "ckpt_path='' is not allowed: ckpt_path must be a path or null"),
+    ("vaelab-train", "callbacks.model_checkpoint.dirpath=", "callbacks.model_checkpoint.dirpath='' is not allowed"),
+    ("vaelab-train", "logger=csv logger.csv.save_dir=", "logger.csv.save_dir='' is not allowed: logger.csv.save_dir must be"),
 ]
 
 
@@ -127,15 +156,51 @@ def test_bad_settings_stop_before_anything_is_written(tmp_path, tool, override, 
         tool=tool,
         check=False,
         env={"VAELAB_DATA_DIR": str(data_dir)},
+        cwd=tmp_path,  # an empty path must not mean this directory: nothing may appear in it
     )
     assert one_line(proc, f"{tool}: error: ").startswith(f"{tool}: error: {says}")
-    assert not run_dir.exists() and not data_dir.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+CHECKPOINT_PATHS = [
+    (tool, where)
+    for tool in ("vaelab-train", "vaelab-eval", "vaelab-generate")
+    for where in ("missing dir/last.ckpt", "a run dir")
+]
+
+
+@pytest.mark.parametrize("tool,where", CHECKPOINT_PATHS)
+def test_a_checkpoint_path_that_is_not_a_file_stops_before_anything_is_written(tmp_path, tool, where):
+    """Checked with the settings (no torch import, no run directory): a path with a space, and a run directory
+    where its checkpoint was meant."""
+    (tmp_path / "a run dir" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "a run dir" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    before = snapshot(tmp_path)
+    proc = run_cli(f"ckpt_path={tmp_path / where}", f"hydra.run.dir={tmp_path / 'out'}", tool=tool, check=False)
+    if where == "a run dir":
+        says = f"ckpt_path={tmp_path / where}: {tmp_path / where} is a directory, not a .ckpt file; did you mean "
+        assert one_line(proc, f"{tool}: error: {says}").endswith(f"ckpt_path={tmp_path / where}/checkpoints/last.ckpt?")
+    else:
+        one_line(proc, f"{tool}: error: checkpoint {tmp_path / where} not found; pass ckpt_path=<run dir>/checkpoints/")
+    assert snapshot(tmp_path) == before and not (tmp_path / "out").exists()
 
 
 def test_the_settings_checks_take_a_fraction_of_a_second(tmp_path):
     started = time.perf_counter()
     one_line(run_cli(f"hydra.run.dir={tmp_path / 'run'}", "latent_dim=0", check=False), "vaelab-train: error: latent_dim=0")
     assert time.perf_counter() - started < 5  # no torch import, no data (about 0.5 s here; benchmarks/startup_checks.py)
+
+
+@pytest.mark.skipif(
+    Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1",
+    reason="with overcommit always on, a huge allocation succeeds and the OOM killer ends the process instead",
+)
+def test_a_size_too_large_for_memory_is_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(f"hydra.run.dir={run_dir}", "latent_dim=1000000000", check=False, cwd=tmp_path)
+    line = one_line(proc, "vaelab-train: error: out of memory (")
+    assert "(the largest number given: latent_dim=1000000000); make it smaller (latent_dim, batch_size" in line
+    assert not (run_dir / "checkpoints").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
@@ -259,6 +324,28 @@ def test_a_download_that_fails_is_one_line(tmp_path):
     assert f"put the four IDX files in {tmp_path}/mnist/MNIST/raw" in line
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_vaelab_eval_stopped_by_a_signal_says_so(tmp_path, trained_run, signum):
+    """Outside training (no Lightning to catch it) SIGTERM ended vaelab-eval without a word."""
+    run_dir = tmp_path / "eval"
+    before = snapshot(trained_run)
+    args = [f"ckpt_path={trained_run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={run_dir}", "num_importance_samples=5000"]
+    proc = start(*args, tool="vaelab-eval", log=tmp_path / "log")
+    deadline = time.monotonic() + 120
+    while "as the checkpoint's model was trained" not in (
+        (run_dir / "eval.log").read_text() if (run_dir / "eval.log").exists() else ""
+    ):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    name = signal.Signals(signum).name
+    line = one_line(
+        finished(proc, tmp_path / "log"), f"vaelab-eval: interrupted: stopped by {name}; eval.json is written only", 128 + signum
+    )
+    assert line.endswith("run it again for the results") and f"stopped by {name}" in (run_dir / "eval.log").read_text()
+    assert not (run_dir / "eval.json").exists() and snapshot(trained_run) == before
+
+
 # --- output directories and disks -----------------------------------------------------------------------------
 
 
@@ -284,6 +371,38 @@ def test_an_unwritable_output_dir(tmp_path, where, says):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+@pytest.mark.parametrize(
+    "setting,where,says",
+    [
+        ("logger.tensorboard.save_dir", "/proc/vaelab-test", "No such file or directory"),
+        ("callbacks.model_checkpoint.dirpath", "file/checkpoints", "a file is in the way (Not a directory)"),
+        ("callbacks.samples.image_dir", "/proc/vaelab-test/images", "No such file or directory"),  # its parent is named
+    ],
+)
+def test_a_folder_a_setting_names_that_cannot_be_made_names_that_setting(tmp_path, setting, where, says):
+    (tmp_path / "file").write_text("keep me")
+    folder = where if where.startswith("/") else str(tmp_path / where)
+    proc = train_run(tmp_path / "run", "epochs=1", "trainer.limit_train_batches=2", f"{setting}={folder}", check=False)
+    line = one_line(proc, f"vaelab-train: error: cannot write {folder.removesuffix('/images')}: {says}. Everything written")
+    assert f"choose another place with {setting}=<dir>" in line
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_a_directory_where_a_result_file_goes(tmp_path, trained_run):
+    """metrics.json is written last, over a directory someone put there: one line, the directory kept."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    (run_dir / "metrics.json").unlink()
+    (run_dir / "metrics.json").mkdir()
+    (run_dir / "metrics.json" / "keep").write_text("mine")
+    proc = run_cli(f"resume_from={run_dir}", "epochs=3", "trainer.limit_train_batches=2", check=False)
+    line = one_line(proc, f"vaelab-train: error: cannot write {run_dir}/metrics.json: a directory is in the way (Is a")
+    assert line.endswith(
+        f"move it away, or choose another place with hydra.run.dir=<dir>; then continue with: vaelab-train resume_from={run_dir}"
+    )
+    assert (run_dir / "metrics.json" / "keep").read_text() == "mine"
+
+
 def test_a_full_disk_while_event_files_are_written(tmp_path):
     """A file-size limit (ulimit -f; Python ignores SIGXFSZ, so writes fail with EFBIG) below the pictures' size."""
     run_dir = tmp_path / "run"
@@ -307,6 +426,18 @@ def test_a_run_directory_is_not_written_over(tmp_path, trained_run, tool, args):
     proc = run_cli(*args, f"hydra.run.dir={run_dir}", tool=tool, check=False)
     line = one_line(proc, f"{tool}: error: hydra.run.dir={run_dir} already holds a run (")
     assert f"(to continue it: vaelab-train resume_from={run_dir})" in line and "overwrite=true" in line
+    assert snapshot(run_dir) == before
+
+
+@pytest.mark.parametrize("tool", ["vaelab-eval", "vaelab-generate", "vaelab-train"])
+def test_overwrite_true_never_removes_the_checkpoint_it_reads(tmp_path, trained_run, tool):
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained_run, run_dir)
+    before = snapshot(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    proc = run_cli(f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", "overwrite=true", tool=tool, check=False)
+    line = one_line(proc, f"{tool}: error: overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir=")
+    assert line.endswith("write the results to another directory (hydra.run.dir=<new dir>)")
     assert snapshot(run_dir) == before
 
 

@@ -233,3 +233,57 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole_when_a_write_fails(tmp_p
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
     assert err.value.filename == str(target)  # the checkpoint is named, not the temporary file
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def _tampered(checkpoint: dict, change) -> dict:
+    change(checkpoint)
+    return checkpoint
+
+
+# A checkpoint's contents are data like any setting: each field the commands read, tampered with.
+TAMPERED = {
+    "weights that are not tensors": (lambda c: c["state_dict"].__setitem__("encoder.heads.weight", 5), "its state_dict is not"),
+    "NaN weights": (lambda c: c["state_dict"]["encoder.heads.weight"].fill_(float("nan")), "its weights hold NaN or infinite"),
+    "a latent_dim that is text": (
+        lambda c: c["hyper_parameters"].__setitem__("latent_dim", "abc"),
+        "hyper_parameters.latent_dim='abc'",
+    ),
+    "hyper_parameters that are a list": (lambda c: c.__setitem__("hyper_parameters", [1]), "its hyper_parameters are a list"),
+    "an epoch that is text": (lambda c: c.__setitem__("epoch", "abc"), "its epoch is 'abc', not an integer"),
+    "loops that are a list": (lambda c: c.__setitem__("loops", [1]), "its loops is [1], not a dict"),
+    "an optimizer state that is not one": (
+        lambda c: c.__setitem__("optimizer_states", [{"state": 5}]),
+        "its optimizer_states are not optimizer state dicts",
+    ),
+    "an optimizer state of another network": (
+        lambda c: c["optimizer_states"][0]["param_groups"][0].__setitem__("params", [0]),
+        "its optimizer state does not fit the optimizer of these settings",
+    ),
+    "class names that are not a list of names": (
+        lambda c: c["hyper_parameters"].update(conditional=True, class_names=5),
+        "its hyper_parameters.class_names=5 is not a list of class names",
+    ),
+    "a conditional model without class names": (
+        lambda c: c["hyper_parameters"].update(conditional=True, class_names=[]),
+        "its hyper_parameters.conditional is true but it names no class_names",
+    ),
+}
+# vaelab-eval reads the weights and the model's settings; vaelab-train (ckpt_path=) the training state as well.
+READ_BY_EVAL = [*list(TAMPERED)[:4], *list(TAMPERED)[-2:]]
+TAMPERED_CASES = [("vaelab-eval", case) for case in READ_BY_EVAL] + [("vaelab-train", case) for case in TAMPERED]
+
+
+@pytest.mark.parametrize("tool,case", TAMPERED_CASES, ids=[f"{t}:{c}" for t, c in TAMPERED_CASES])
+def test_tampered_checkpoint_contents_are_one_line(tmp_path, trained_run, tool, case):
+    from conftest import one_line, snapshot
+
+    change, says = TAMPERED[case]
+    path = tmp_path / "tampered.ckpt"
+    torch.save(_tampered(torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True), change), path)
+    before = snapshot(trained_run)
+    args = [f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"] + (
+        [*FAST, "epochs=3", "latent_dim=16"] if tool == "vaelab-train" else ["num_images=10"]
+    )
+    line = one_line(run_cli(*args, tool=tool, check=False), f"{tool}: error: ")
+    assert says in line and ("ckpt_path=" in line or "resume_from=" in line or "start a new run" in line), line
+    assert snapshot(trained_run) == before and not (tmp_path / "run" / "checkpoints").exists()

@@ -3,6 +3,8 @@
 - `AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, fsyncs and renames it.
 - `read_checkpoint` reads a file once: its zip CRCs are tested (torch.load alone reads a flipped byte without
   complaint), then it is unpickled weights-only, which refuses any Python object but plain data and tensors.
+  What is read from it is then checked like a setting (`check_contents`): weights are finite tensors, the model's
+  hyperparameters pass the same RULES as vaelab-train's model.* settings, the training state has its types.
 - What a checkpoint asks to build is decided by what each `_target_` *is*: it is resolved without calling
   anything, and only `torch.nn.Module` classes defined in vaelab.networks or torch.nn (or named by the user in
   `allow_networks`) pass, with plain-data arguments. Spelling tricks (`vaelab.networks.torch.serialization.os.system`)
@@ -23,13 +25,14 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from vaelab.errors import UserError, one_line
+from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
 from vaelab.files import atomic_write
+from vaelab.schema import CHECKPOINT_HINT, RULES
 
 NETWORK_MODULES = ("vaelab.networks", "torch.nn")
 PLAIN = (str, int, float, bool, type(None))
 SPECIAL_KEYS = {"_target_", "_args_", "_recursive_", "_convert_"}
-HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
+HINT = CHECKPOINT_HINT
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -81,7 +84,78 @@ def read_checkpoint(path: str | Path, key: str) -> dict:
         raise UserError(f"{key}: {path} ({len(raw)} bytes): {reason}{instead}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{key}: {path} is not a vaelab checkpoint (it has no state_dict); {HINT}{instead}")
+    check_contents(checkpoint, f"{key}: {path}", instead)
     return checkpoint
+
+
+# The model's settings as a checkpoint records them (hyper_parameters.<name>), with vaelab-train's rule for model.<name>.
+MODEL_RULES = {
+    path.removeprefix("model."): rule
+    for path, (_, rule) in RULES["train"].items()
+    if path.count(".") == 1 and path.startswith("model.")
+}
+TRAINING_FIELDS = {
+    "epoch": (int, "an integer"),
+    "global_step": (int, "an integer"),
+    "loops": (Mapping, "a dict"),
+    "optimizer_states": (list, "a list"),
+}
+
+
+def check_contents(checkpoint: dict, where: str, instead: str = "") -> None:
+    """What the commands read from a checkpoint has the type they read it as: a crafted or foreign file is one line."""
+
+    def refuse(what: str) -> UserError:
+        return UserError(f"{where} is not a checkpoint vaelab can use: {what}; {HINT}{instead}")
+
+    weights = checkpoint["state_dict"]
+    if not isinstance(weights, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in weights.items()
+    ):
+        raise refuse("its state_dict is not a mapping of names to tensors")
+    broken = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if broken is not None:
+        raise UserError(
+            f"{where}: its weights hold NaN or infinite values ({broken}), so nothing computed from them means anything; "
+            f"use an earlier checkpoint of the run{instead or ' (its checkpoints/ folder)'}"
+        )
+    hparams = checkpoint.get("hyper_parameters", {})
+    if not isinstance(hparams, Mapping):
+        raise refuse(f"its hyper_parameters are a {type(hparams).__name__}, not a mapping of settings")
+    for name, rule in MODEL_RULES.items():
+        if name in hparams and not rule.check(hparams[name]):
+            raise refuse(f"its hyper_parameters.{name}={show(hparams[name])} is not {rule.allowed}")
+    names = hparams.get("class_names")  # a conditional model's classes: plain strings, one per one-hot input
+    if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+        raise refuse(f"its hyper_parameters.class_names={show(names)[:40]} is not a list of class names")
+    if hparams.get("conditional") and not names:
+        raise refuse("its hyper_parameters.conditional is true but it names no class_names")
+    for name, (kind, words) in TRAINING_FIELDS.items():
+        if name in checkpoint and not (isinstance(checkpoint[name], kind) and not isinstance(checkpoint[name], bool)):
+            raise refuse(f"its {name} is {show(checkpoint[name])[:40]}, not {words}")
+    states = checkpoint.get("optimizer_states", [])
+    if not all(
+        isinstance(s, Mapping) and isinstance(s.get("state"), Mapping) and isinstance(s.get("param_groups"), list) for s in states
+    ):
+        raise refuse("its optimizer_states are not optimizer state dicts (state and param_groups)")
+
+
+def check_optimizer_state(model, checkpoint: dict, key: str) -> None:
+    """The checkpoint's optimizer state loads into the optimizer these settings build (a copy is tried, so the
+    refusal comes before training starts rather than from inside Lightning's restore)."""
+    import copy
+
+    states = checkpoint.get("optimizer_states") or []
+    if not states:
+        return
+    optimizer = model.configure_optimizers()
+    try:
+        optimizer.load_state_dict(copy.deepcopy(states[0]))
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
+        raise UserError(
+            f"{key}: its optimizer state does not fit the optimizer of these settings ({type(err).__name__}: "
+            f"{one_line(err)[:200]}); continue it with its own settings (vaelab-train resume_from=<its run dir>) or start a new run"
+        ) from None
 
 
 def network_class(target: Any, allowed: tuple[str, ...] = (), key: str = "") -> type[torch.nn.Module]:
@@ -183,5 +257,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_network
     except UserError:
         raise
     except Exception as err:  # hyperparameters the networks do not take
+        if out_of_memory(err):  # e.g. a crafted latent_dim: the checkpoint's sizes, not the user's settings
+            raise UserError(f"cannot rebuild the VAE from checkpoint {path}: {memory_message(out_of_memory(err))}") from None
         raise UserError(f"cannot rebuild the VAE from checkpoint {path}: {type(err).__name__}: {one_line(err)[:300]}") from None
     return vae.to(device).eval()

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 
 # OS errors that mean "this location cannot take (or give) the data": a line, not a traceback.
 # EFBIG is what a file-size limit (ulimit -f) gives, a full disk in miniature.
-DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR}
+IN_THE_WAY = {errno.EISDIR: "a directory is in the way", errno.ENOTDIR: "a file is in the way"}
 
 
 class UserError(Exception):
@@ -57,9 +58,44 @@ def show(value: object) -> str:
 def disk_message(err: OSError, setting: str = "hydra.run.dir=<dir>") -> str:
     """A disk fault: the path, what the system said, and the setting that moves it elsewhere."""
     verb = "cannot access" if err.errno in (errno.EACCES, errno.EPERM) else "cannot write"  # a permission error may be a read
+    fix = (
+        f"move it away, or choose another place with {setting}"
+        if err.errno in IN_THE_WAY
+        else (f"free some space or choose another place with {setting}")
+    )
+    what = f"{IN_THE_WAY[err.errno]} ({err.strerror})" if err.errno in IN_THE_WAY else err.strerror or err
+    return f"{verb} {err.filename or 'the disk'}: {what}. Everything written before is kept; {fix}"
+
+
+def out_of_memory(err: BaseException | None) -> BaseException | None:
+    """The allocation failure behind `err` (torch's CPU or CUDA allocator, Python's MemoryError), if there is one."""
+    seen = 0
+    while err is not None and seen < 20:
+        text = str(err)
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in text:
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
+
+
+def memory_message(err: BaseException) -> str:
+    """Too little memory: how much was asked for, and the largest number the user typed (the likely culprit)."""
+    import re
+
+    asked = re.search(r"allocate (\d+) bytes|Tried to allocate ([\d.]+ \w+)", str(err))
+    amount = (
+        ""
+        if asked is None
+        else f" ({int(asked.group(1)) / 2**30:,.1f} GiB at once)"
+        if asked.group(1)
+        else f" ({asked.group(2)} at once)"
+    )
+    typed = [(a.split("=", 1)[0], a.split("=", 1)[1]) for a in sys.argv[1:] if "=" in a and a.split("=", 1)[1].isdigit()]
+    largest = max(typed, key=lambda kv: int(kv[1]), default=None)
+    culprit = f" (the largest number given: {largest[0]}={largest[1]})" if largest else ""
     return (
-        f"{verb} {err.filename or 'the disk'}: {err.strerror or err}. Everything written before is kept; "
-        f"free some space or choose another place with {setting}"
+        f"out of memory{amount}: a size is too large for this machine{culprit}; make it smaller (latent_dim, batch_size, "
+        f"model.encoder.channels, data.image_size, num_samples, pairs_per_pass) or use a machine with more memory"
     )
 
 
@@ -73,6 +109,8 @@ def build(node, key: str, **kwargs):
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as err:
+        if out_of_memory(err):
+            raise  # message_for says it in one line
         cause = err.__cause__
         while isinstance(cause, InstantiationException) and cause.__cause__ is not None:  # nested targets
             cause = cause.__cause__
@@ -158,6 +196,8 @@ def message_for(err: BaseException) -> str | None:
         return str(err)
     if isinstance(err, OSError) and err.errno in DISK_ERRNOS:
         return disk_message(err)
+    if out_of_memory(err) is not None:
+        return memory_message(out_of_memory(err))
     if isinstance(err, Exception) and not _USER_WANTS_TRACEBACKS:
         return hydra_message(err)
     return None
@@ -175,13 +215,35 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
-        _exit(prog, "interrupted", "stopped by SIGINT before training started", 130)
+        before = "training started" if prog == "vaelab-train" else "any result was written"
+        _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
     except (Exception, Interrupted) as err:
         message = message_for(err)
         if message is None:
             raise
         code = getattr(err, "exit_code", 1)
         _exit(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, code)
+
+
+@contextlib.contextmanager
+def stopped_by_signals(unfinished: str) -> Iterator[None]:
+    """Ctrl-C or SIGTERM while a command without a trainer works (vaelab-eval, vaelab-generate) becomes
+    Interrupted, saying what was left unwritten (SIGTERM ended such a command without a word). Training has
+    Lightning's handling (vaelab.guards.interruptions); a handler someone else installed (a sweep's) is kept."""
+    import signal
+
+    def stop(signum, frame) -> None:
+        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {unfinished}", signum)
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) is default}
+    for signum in previous:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def quiet_threads() -> None:

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, open_dict
 from vaelab import measures, rundir, schema
 from vaelab.checkpoints import load_vae
 from vaelab.classifier import load_or_train_classifier, training_data
-from vaelab.errors import UserError, build, recorded
+from vaelab.errors import UserError, build, recorded, stopped_by_signals
 from vaelab.files import atomic_write
 from vaelab.hardware import resolve_device
 from vaelab.likelihoods import describe
@@ -392,7 +392,8 @@ def run(cfg: DictConfig) -> dict:
 
 def hydra_task(cfg: DictConfig) -> float:
     """The Hydra task of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
-    with job_reporting("vaelab-eval"), recorded():
+    unfinished = "eval.json is written only at the end: run it again for the results"
+    with job_reporting("vaelab-eval"), recorded(), stopped_by_signals(unfinished):
         return run(cfg)["nll_iwae"]
 
 

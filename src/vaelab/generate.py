@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from vaelab import rundir, schema
 from vaelab.checkpoints import load_vae
 from vaelab.data import seeded_order
-from vaelab.errors import UserError, recorded
+from vaelab.errors import UserError, recorded, stopped_by_signals
 from vaelab.hardware import resolve_device
 from vaelab.sweep import job_reporting
 
@@ -94,7 +94,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 def hydra_task(cfg: DictConfig) -> None:
     """The Hydra task of `vaelab-generate`."""
-    with job_reporting("vaelab-generate"), recorded():
+    with job_reporting("vaelab-generate"), recorded(), stopped_by_signals("run it again for the pictures"):
         run(cfg)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import math
+import shlex
 import signal
 import time
 from collections.abc import Iterator
@@ -165,6 +166,6 @@ def interruptions(trainer: pl.Trainer, run_dir: Path) -> Iterator[None]:
         raise Interrupted(
             f"stopped by {signal.Signals(signum).name} in epoch {trainer.current_epoch} at step "
             f"{trainer.global_step}; the event files are flushed and {describe_last_checkpoint(trainer)}; "
-            f"continue with: vaelab-train resume_from={run_dir}",
+            f"continue with: vaelab-train resume_from={shlex.quote(str(run_dir))}",
             signum,
         ) from None

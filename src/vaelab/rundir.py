@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -130,6 +131,9 @@ class RunDirectory(HydraCallback):
                 check_accelerator(str(config.trainer.get("accelerator")), "trainer.accelerator", "use trainer=cpu")
             else:
                 check_device(str(config.device))
+            _not_empty(str(config.hydra.run.dir), "hydra.run.dir")
+            if config.get("ckpt_path"):  # last: a bad setting is named first, whatever the checkpoint
+                schema.check_checkpoint_file(str(config.ckpt_path))
             directory = self.fresh(
                 config, str(config.hydra.run.dir), _given(config, "hydra.run.dir"), "hydra.run.dir=<dir>", OUTPUTS, app
             )
@@ -143,6 +147,7 @@ class RunDirectory(HydraCallback):
         app = config.hydra.help.app_name
         with exit_cleanly(app):
             HydraConfig.instance().set_config(config)
+            _not_empty(str(config.hydra.sweep.dir), "hydra.sweep.dir")
             directory = self.fresh(
                 config,
                 str(config.hydra.sweep.dir),
@@ -163,14 +168,32 @@ class RunDirectory(HydraCallback):
             [p.name for p in path.iterdir() if p.is_dir() and outputs_in(p)] if names is SWEEP_OUTPUTS and path.is_dir() else []
         )
         if given and found and not config.get("overwrite"):
-            resume = " (to continue it: vaelab-train resume_from=" + str(path) + ")" if "checkpoints" in found else ""
+            resume = (
+                " (to continue it: vaelab-train resume_from=" + shlex.quote(str(path)) + ")" if "checkpoints" in found else ""
+            )
             raise UserError(
                 f"{setting.split('=')[0]}={directory} already holds {'a sweep' if names is SWEEP_OUTPUTS else 'a run'} "
                 f"({', '.join(found[:3])}){resume}; choose a new directory, or add overwrite=true to replace it"
             )
         if given and found:
+            _keep_inputs(config, path, found)
             _remove_outputs(path, found)
         return claim(path, unique=not given, setting=f"{setting} or paths.log_dir=<dir>")
+
+
+def _keep_inputs(config: DictConfig, directory: Path, found: list[str]) -> None:
+    """overwrite=true removes a run's outputs, never the checkpoint the command is about to read."""
+    ckpt = config.get("ckpt_path")
+    if ckpt and any(os.path.realpath(ckpt).startswith(os.path.realpath(directory / name) + os.sep) for name in found):
+        raise UserError(
+            f"overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir={directory}; "
+            f"write the results to another directory (hydra.run.dir=<new dir>)"
+        )
+
+
+def _not_empty(directory: str, key: str) -> None:
+    if not directory.strip():  # Path("") is the working directory: a run would be written into it
+        raise UserError(f"{key}={directory!r} is empty; name a new directory, e.g. {key}=outputs/my-run")
 
 
 def _quoted(path: Path) -> str:

@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -145,7 +146,7 @@ POSITIVE_INT = Rule(lambda v: _int(v) and v > 0, "a positive integer", "1")
 OPTIONAL_POSITIVE_INT = Rule(lambda v: v is None or (_int(v) and v > 0), "a positive integer or null", "null")
 INTEGER = Rule(_int, "an integer", "0")
 BOOL = Rule(lambda v: isinstance(v, bool), "true or false", "false")
-STRING = Rule(lambda v: isinstance(v, str) and v != "", "a non-empty string", "...")
+STRING = Rule(lambda v: isinstance(v, str) and v.strip() != "", "a non-empty string", "...")
 
 
 def at_least(low: float, example: str, strict: bool = False) -> Rule:
@@ -177,6 +178,17 @@ LIMIT = Rule(
     "null",
 )
 
+# A path given as an empty string would mean the working directory: refused wherever vaelab reads or writes a path.
+OPTIONAL_PATH = Rule(lambda v: v is None or (isinstance(v, str) and v.strip() != ""), "a path or null", "null")
+NETWORK_NAMES = Rule(
+    lambda v: (
+        isinstance(v, (list, ListConfig))
+        and all(isinstance(n, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", n) for n in v)
+    ),
+    "a list of dotted module or class names",
+    "[mypkg.nets]",
+)
+
 INSPECT_BINARIZE = Rule(
     lambda v: v in (None, "none", "dynamic", "static"),
     "null (as the checkpoint's model was trained), none, dynamic or static",
@@ -201,7 +213,9 @@ DATA_RULES: dict[str, tuple[str | None, Rule]] = {
     "data.val_fraction": (None, Rule(lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1")),
     "data.test_fraction": (None, Rule(lambda v: _number(v) and 0 <= v < 1, "a fraction in [0, 1)", "0.1")),
     "data.workers": (None, like(OPTIONAL_POSITIVE_INT, "4")),
-    "data.cache_dir": (None, Rule(lambda v: v is None or (isinstance(v, str) and v != ""), "a folder or null", "null")),
+    "data.cache_dir": (None, like(OPTIONAL_PATH, "null")),
+    "data.data_dir": (None, like(STRING, "data")),
+    "data.system_dir": (None, like(OPTIONAL_PATH, "null")),
     "data.image_shape": (
         None,
         Rule(
@@ -229,6 +243,9 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "model.denoise": ("denoise", BOOL),
         "model.conditional": (None, BOOL),
         "seed": (None, like(INTEGER, "42")),
+        "overwrite": (None, BOOL),
+        "ckpt_path": (None, like(OPTIONAL_PATH, "outputs/<date>/<time>/checkpoints/last.ckpt")),
+        "resume_from": (None, like(OPTIONAL_PATH, "outputs/<date>/<time>")),
         "threads": (None, OPTIONAL_POSITIVE_INT),
         "test_after_fit": (None, BOOL),
         "trainer.log_every_n_steps": (None, like(POSITIVE_INT, "50")),
@@ -244,6 +261,8 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
     "eval": {
         "ckpt_path": (None, like(STRING, "outputs/<date>/<time>/checkpoints/last.ckpt")),
         "device": (None, DEVICE),
+        "allow_networks": (None, NETWORK_NAMES),
+        "overwrite": (None, BOOL),
         "num_importance_samples": (None, like(OPTIONAL_POSITIVE_INT, "100")),
         "pairs_per_pass": (None, like(POSITIVE_INT, "20000")),
         "batch_size": (None, like(POSITIVE_INT, "1000")),
@@ -283,6 +302,8 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
     "generate": {
         "ckpt_path": (None, like(STRING, "outputs/<date>/<time>/checkpoints/last.ckpt")),
         "device": (None, DEVICE),
+        "allow_networks": (None, NETWORK_NAMES),
+        "overwrite": (None, BOOL),
         "num_samples": (None, like(POSITIVE_INT, "64")),
         "nrow": (None, like(OPTIONAL_POSITIVE_INT, "8")),
         "temperature": (None, at_least(0, "0.8", strict=True)),
@@ -338,6 +359,9 @@ CALLBACK_RULES: dict[str, dict[str, Rule]] = {
     },
 }
 PICTURE_RULES = {"every_n_epochs": EVERY_N_EPOCHS, "seed": INTEGER}
+# The places any logger or callback writes to, and the paths every command builds on: never an empty string.
+PATH_KEYS = ("save_dir", "dirpath", "image_dir")
+PATHS_RULES = {f"paths.{key}": (None, like(STRING, "outputs")) for key in ("root_dir", "data_dir", "log_dir")}
 
 
 def user_key(cfg: DictConfig, path: str, headline: str | None) -> str:
@@ -361,13 +385,19 @@ def refuse(key: str, value: Any, rule: Rule) -> UserError:
 
 def _checks(cfg: DictConfig, command: str):
     """(path, headline, rule) for every setting of `command` that is in this config."""
-    for path, (headline, rule) in RULES[command].items():
+    for path, (headline, rule) in {**PATHS_RULES, **RULES[command]}.items():
         yield path, headline, rule
     callbacks = cfg.get("callbacks") if command == "train" else None
     for name, node in (callbacks or {}).items():
         if isinstance(node, DictConfig) and node.get("_target_") in CALLBACK_RULES:
             for key, rule in {**CALLBACK_RULES[node._target_], **PICTURE_RULES}.items():
                 yield f"callbacks.{name}.{key}", None, rule
+    for group in ("logger", "callbacks") if command == "train" else ():
+        for name, node in (cfg.get(group) or {}).items():
+            for key in PATH_KEYS if isinstance(node, DictConfig) else ():
+                if key in node and OmegaConf.is_interpolation(node, key):
+                    continue  # e.g. ${paths.output_dir}: checked where it points (not known before Hydra's run starts)
+                yield f"{group}.{name}.{key}", None, like(OPTIONAL_PATH, "null")
 
 
 def check_combinations(cfg: DictConfig) -> None:
@@ -427,6 +457,20 @@ def check_loggers(cfg: DictConfig) -> None:
                 f"logger.{name} ({target}) needs {needs[0]}, which is not installed: pip install 'vaelab[{needs[2]}]' "
                 f"(or choose loggers without it, e.g. logger=tensorboard)"
             )
+
+
+CHECKPOINT_HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
+
+
+def check_checkpoint_file(value: str) -> None:
+    """The checkpoint ckpt_path names is a file (what it holds is checked when it is read: vaelab.checkpoints)."""
+    path = Path(value)
+    if path.is_dir():
+        inside = path / "checkpoints" / "last.ckpt"
+        better = f"did you mean ckpt_path={inside}?" if inside.exists() else CHECKPOINT_HINT
+        raise UserError(f"ckpt_path={value}: {path} is a directory, not a .ckpt file; {better}")
+    if not path.exists():
+        raise UserError(f"checkpoint {value} not found; {CHECKPOINT_HINT}")
 
 
 def check(cfg: DictConfig, command: str) -> None:

@@ -7,9 +7,11 @@ The console script (vaelab.cli) has already claimed and locked the run directory
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,8 +149,10 @@ def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dic
         )
     # The same rule as vaelab-eval's: only network classes, with plain data (the config's own are trusted).
     check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own_networks(cfg))
-    loops = checkpoint.get("loops") or {}
-    step = (loops.get("fit_loop") or {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped", checkpoint["global_step"])
+    fit_loop = checkpoint["loops"].get("fit_loop")  # the types of what is read here: vaelab.checkpoints.check_contents
+    epoch_loop = fit_loop.get("epoch_loop.state_dict") if isinstance(fit_loop, dict) else None
+    step = epoch_loop.get("_batches_that_stepped") if isinstance(epoch_loop, dict) else None
+    step = step if isinstance(step, int) else checkpoint["global_step"]
     return checkpoint, ResumePoint(
         path=path,
         epoch=int(checkpoint["epoch"]),
@@ -204,12 +208,8 @@ def prepare(cfg: DictConfig) -> Start:
     rundir.lock(run_dir)
     if cfg.get("ckpt_path") in (None, ""):
         return Start(cfg, run_dir)
+    schema.check_checkpoint_file(str(cfg.ckpt_path))
     path = Path(str(cfg.ckpt_path))
-    if not path.is_file():
-        raise UserError(
-            f"ckpt_path={cfg.ckpt_path}: no such checkpoint file; pass a .ckpt from a run's checkpoints/ "
-            f"folder (to continue a run in its own directory: vaelab-train resume_from=<run dir>)"
-        )
     checkpoint, point = read_training_checkpoint(path, f"ckpt_path={cfg.ckpt_path}", cfg)
     return Start(cfg, run_dir, checkpoint, point)
 
@@ -232,7 +232,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     if (run_dir / "metrics.json").exists() and (fit_is_done(cfg, point) or not extends):  # e.g. stopped early
         raise UserError(
             f"{run_dir} has nothing left to do: it trained {point.epoch + 1} epochs and has its "
-            f"metrics.json; to train it further: vaelab-train resume_from={run_dir} epochs=<more>",
+            f"metrics.json; to train it further: vaelab-train resume_from={shlex.quote(str(run_dir))} epochs=<more>",
             exit_code=0,
         )
     return Start(cfg, run_dir, checkpoint, point, overrides, resumed=True)
@@ -271,21 +271,38 @@ def build_logger(name: str, node: DictConfig, point: ResumePoint | None):
 
 
 @contextlib.contextmanager
-def named_disk_faults(run_dir: Path) -> Iterator[None]:
+def named_disk_faults(run_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """A full or unwritable disk during the run: the file (TensorBoard's event writer does not say which: its
-    folder then) and how to go on."""
+    folder then), the setting that moves it (a logger's save_dir or a callback's dirpath when the file is theirs,
+    else hydra.run.dir) and how to go on. A folder a setting names that cannot be created is a fault of that kind."""
     try:
         yield
     except OSError as err:
-        if err.errno not in DISK_ERRNOS:
+        setting = setting_for(cfg, run_dir, err.filename)
+        if err.errno not in DISK_ERRNOS and not (setting and err.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST)):
             raise
         named = err if err.filename else OSError(err.errno, err.strerror, str(run_dir / "tensorboard"))
         then = (
-            f"; then continue with: vaelab-train resume_from={run_dir}"
+            f"; then continue with: vaelab-train resume_from={shlex.quote(str(run_dir))}"
             if rundir.newest_checkpoint(run_dir, OmegaConf.create({}))
             else "; then start the run again"
         )
-        raise UserError(disk_message(named) + then) from None
+        raise UserError(disk_message(named, f"{setting or 'hydra.run.dir'}=<dir>") + then) from None
+
+
+def setting_for(cfg: DictConfig, run_dir: Path, filename: str | None) -> str | None:
+    """The logger or callback setting whose folder holds `filename` (or is made inside it), when that folder is not in
+    the run directory."""
+    if not filename or str(filename).startswith(str(run_dir)):
+        return None
+    found = []
+    for group in ("logger", "callbacks"):
+        for name, node in (cfg.get(group) or {}).items():
+            for key in schema.PATH_KEYS if isinstance(node, DictConfig) else ():
+                folder, failed = str(node.get(key) or "").rstrip("/") + "/", str(filename).rstrip("/") + "/"
+                if folder != "/" and (failed.startswith(folder) or folder.startswith(failed)):  # in it, or a parent
+                    found.append((len(folder), f"{group}.{name}.{key}"))
+    return max(found)[1] if found else None
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -304,7 +321,7 @@ def run(start: Start) -> dict[str, float]:
     import pytorch_lightning as pl
     import torch
 
-    from vaelab.checkpoints import check_fits
+    from vaelab.checkpoints import check_fits, check_optimizer_state
     from vaelab.guards import for_run, interruptions
     from vaelab.hardware import check_accelerator
 
@@ -318,6 +335,7 @@ def run(start: Start) -> dict[str, float]:
     model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, datamodule))
     if start.checkpoint is not None:
         check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
+        check_optimizer_state(model, start.checkpoint, f"the checkpoint {point.path}")
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
@@ -325,7 +343,7 @@ def run(start: Start) -> dict[str, float]:
         rundir.record_resume(run_dir, cfg, list(start.overrides))
         rundir.continue_log()
 
-    with recorded(), named_disk_faults(run_dir):
+    with recorded(), named_disk_faults(run_dir, cfg):
         fit_done = fit_is_done(cfg, point)
         with interruptions(trainer, run_dir):
             trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, weights_only=True)
