@@ -115,3 +115,10 @@ def test_a_bad_user_config_is_one_line(user_dir, override, message):
     )
     assert message in one_line(proc, "vaelab-train: error: ")
     assert not (user_dir / "run" / "checkpoints").exists()
+
+
+def test_a_config_dir_that_is_not_a_folder_is_one_line_naming_the_fix(tmp_path):
+    proc = run_cli("--config-dir", str(tmp_path / "nowhere"), "hydra.run.dir=run", cwd=tmp_path, check=False)
+    line = one_line(proc, f"vaelab-train: error: Additional config directory '{tmp_path / 'nowhere'}' not found: ")
+    assert "--config-dir (-cd) takes an existing folder of your own configs" in line
+    assert sorted(tmp_path.iterdir()) == []  # nothing written

@@ -128,7 +128,7 @@ def hydra_message(err: Exception) -> str | None:
     """Hydra's composition errors (unknown keys and choices, bad types, unparsable overrides) as one line."""
     import difflib
 
-    from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
+    from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException, SearchPathException
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
     cause = err.__cause__
@@ -138,6 +138,11 @@ def hydra_message(err: Exception) -> str | None:
     if isinstance(err, MissingConfigException) and err.missing_cfg_file and err.options:
         group, _, choice = err.missing_cfg_file.rpartition("/")
         return f"{group}={choice} is not a choice of {group}: choose one of {', '.join(err.options)}"
+    if isinstance(err, SearchPathException):  # --config-dir naming no folder
+        return (
+            f"{one_line(err)}: --config-dir (-cd) takes an existing folder of your own configs, e.g. --config-dir my_conf "
+            "holding my_conf/model/<name>.yaml"
+        )
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override {err.override!r}: {one_line(err.message)}"
     if isinstance(cause, ValidationError) and cause.full_key:  # a structured config's type check
