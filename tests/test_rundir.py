@@ -155,6 +155,27 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_say_how_to_continue(tmp_path, refer
         assert_same_as_reference(run_dir, reference)
 
 
+# A Ctrl-C that lands inside an import can leave a module half made, and what surfaces is another error: in CI a
+# SIGINT at 1.0 s broke numpy's import under scipy (via torchmetrics) and ended in a RecursionError traceback.
+CTRL_C_BECOMES_ANOTHER_ERROR = """
+import os, signal, sys, time
+from vaelab.errors import exit_cleanly
+with exit_cleanly("vaelab-train"):
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)
+    except KeyboardInterrupt:
+        raise RecursionError("maximum recursion depth exceeded") from None
+"""
+
+
+def test_a_ctrl_c_that_surfaces_as_another_error_is_still_the_ctrl_c():
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_BECOMES_ANOTHER_ERROR], capture_output=True, text=True, timeout=60)
+    one_line(proc, "vaelab-train: interrupted: stopped by SIGINT before training started", code=130)
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0])
 def test_ctrl_c_in_the_first_second(tmp_path, delay):
     proc = start(*FAST, f"hydra.run.dir={tmp_path / 'run'}", log=tmp_path / "run", env={})

@@ -208,6 +208,16 @@ def message_for(err: BaseException) -> str | None:
     return None
 
 
+_SIGINTS: list[int] = []  # Ctrl-C received by this process
+
+
+def _interrupt(signum, frame) -> None:
+    """Python's own Ctrl-C (KeyboardInterrupt), remembered: raised in the middle of an import, it can leave a module
+    half made and surface as another error (a RecursionError inside numpy), which must still read as the Ctrl-C."""
+    _SIGINTS.append(signum)
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def exit_cleanly(prog: str) -> Iterator[None]:
     """Report what the user can act on as `<prog>: error: <one line>` on stderr and exit non-zero.
@@ -215,19 +225,32 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     Anything else keeps its traceback: a bug. Hydra is told to raise its errors instead of printing them
     over several lines (HYDRA_FULL_ERROR), unless the user asked for that themselves.
     """
+    import signal
+    import threading
+
     if not _USER_WANTS_TRACEBACKS:
         os.environ["HYDRA_FULL_ERROR"] = "1"
+    before = "training started" if prog == "vaelab-train" else "any result was written"
+    remember = (
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+    )
+    if remember:
+        signal.signal(signal.SIGINT, _interrupt)
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
-        before = "training started" if prog == "vaelab-train" else "any result was written"
         _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
     except (Exception, Interrupted) as err:
+        if _SIGINTS and not isinstance(err, Interrupted):  # a Ctrl-C that surfaced as another error (e.g. a broken import)
+            _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
         message = message_for(err)
         if message is None:
             raise
         code = getattr(err, "exit_code", 1)
         _exit(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, code)
+    finally:
+        if remember:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextlib.contextmanager
@@ -240,8 +263,8 @@ def stopped_by_signals(unfinished: str) -> Iterator[None]:
     def stop(signum, frame) -> None:
         raise Interrupted(f"stopped by {signal.Signals(signum).name}; {unfinished}", signum)
 
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) is default}
+    defaults = {signal.SIGINT: (signal.default_int_handler, _interrupt), signal.SIGTERM: (signal.SIG_DFL,)}
+    previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) in default}
     for signum in previous:
         signal.signal(signum, stop)
     try:
