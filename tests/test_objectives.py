@@ -82,18 +82,19 @@ def test_the_pictures_show_images_prepared_as_the_model_was_trained(datamodules)
         shown.choose(dm, "fit")
         notebook = NotebookPictures(num_images=4, seed=3)
         notebook.choose(dm, "fit")
-        chosen = shown.pick(dm.train_set, 16, "num_images")[0]  # as the data module holds them
-        assert binary(shown.inputs["train"]) == binary(notebook.train_images) == binary(shown.inputs["val"]) == (mode != "none")
+        chosen, labels = shown.pick(dm.train_set, 16, "num_images")  # as the data module holds them
+        (train, train_labels), (val, _) = shown.inputs["train"], shown.inputs["val"]
+        assert torch.equal(train_labels, labels)  # each drawn image keeps its own label (a conditional model's input)
+        assert binary(train) == binary(notebook.train_images) == binary(val) == (mode != "none")
         if mode == "dynamic":
             assert not binary(chosen)  # grey levels in the data module: training draws them afresh every epoch
             again = Reconstructions(num_images=16, seed=3)
             again.choose(dm, "fit")
-            assert torch.equal(again.inputs["train"], shown.inputs["train"])  # one draw: every epoch, every run
-            drawn = shown.inputs["train"]
-            assert torch.all(drawn[chosen == 0] == 0) and torch.all(drawn[chosen == 1] == 1)  # a draw of these images
-            assert drawn.mean().item() == pytest.approx(chosen.mean().item(), abs=0.02)
+            assert torch.equal(again.inputs["train"][0], train)  # one draw: every epoch, every run
+            assert torch.all(train[chosen == 0] == 0) and torch.all(train[chosen == 1] == 1)  # a draw of these images
+            assert train.mean().item() == pytest.approx(chosen.mean().item(), abs=0.02)
         else:
-            assert torch.equal(shown.inputs["train"], chosen)
+            assert torch.equal(train, chosen)
 
 
 # --- KL warm-up, free bits -----------------------------------------------------------------------------
