@@ -89,12 +89,8 @@ def reconstructions(
     labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The decoder's mean image of each image's posterior mean (a conditional VAE: with the image's label)."""
-    return torch.cat(
-        [
-            vae.decode_mean(vae.encode(vae.target(x, generator), y)[0], y).float()
-            for x, y in zip(images.split(batch_size), by_batch(labels, batch_size))
-        ]
-    )
+    codes = posterior_means(vae, images, batch_size, generator, labels)
+    return torch.cat([vae.decode_mean(z, y).float() for z, y in zip(codes.split(batch_size), by_batch(labels, batch_size))])
 
 
 @torch.no_grad()
