@@ -176,6 +176,48 @@ def test_a_ctrl_c_that_surfaces_as_another_error_is_still_the_ctrl_c():
     one_line(proc, "vaelab-train: interrupted: stopped by SIGINT before training started", code=130)
 
 
+CTRL_C_AT_AN_IMPORT = """
+import os, signal, sys
+module, tool, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
+
+class CtrlC:  # Ctrl-C pressed just as `module` is first looked for
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+import vaelab.cli
+getattr(vaelab.cli, {"vaelab-train": "train", "vaelab-eval": "evaluate"}[tool])()
+"""
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "numpy._utils",  # imported by torch's C++, which swallows the KeyboardInterrupt and goes on without numpy
+        "torch.nn.functional",
+    ],
+)
+def test_ctrl_c_at_any_import_of_start_up_stops_the_run(tmp_path, module):
+    run_dir = tmp_path / "run"
+    proc = run_cli(
+        "-c", CTRL_C_AT_AN_IMPORT, module, "vaelab-train", *FAST, f"hydra.run.dir={run_dir}", tool="python", check=False
+    )
+    one_line(proc, "vaelab-train: interrupted: stopped by SIGINT before training started", code=130)
+    assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_a_swallowed_ctrl_c_stops_vaelab_eval_before_it_writes(tmp_path, reference):
+    out = tmp_path / "eval"
+    proc = run_cli(
+        "-c", CTRL_C_AT_AN_IMPORT, "numpy._utils", "vaelab-eval", f"ckpt_path={reference / 'checkpoints' / 'last.ckpt'}",
+        f"hydra.run.dir={out}", tool="python", check=False,
+    )  # fmt: skip
+    one_line(proc, "vaelab-eval: interrupted: stopped by SIGINT before any result was written", code=130)
+    assert not (out / "eval.json").exists()
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.3, 0.6, 1.0])
 def test_ctrl_c_in_the_first_second(tmp_path, delay):
     proc = start(*FAST, f"hydra.run.dir={tmp_path / 'run'}", log=tmp_path / "run", env={})

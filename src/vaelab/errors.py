@@ -218,6 +218,13 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def raise_if_interrupted() -> None:
+    """Where start-up ends: a Ctrl-C that a library swallowed on the way is raised again, not lost (torch's C++
+    import of numpy clears the KeyboardInterrupt and goes on without numpy; the run then trained to its end)."""
+    if _SIGINTS:
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def exit_cleanly(prog: str) -> Iterator[None]:
     """Report what the user can act on as `<prog>: error: <one line>` on stderr and exit non-zero.
@@ -265,6 +272,7 @@ def stopped_by_signals(unfinished: str) -> Iterator[None]:
 
     defaults = {signal.SIGINT: (signal.default_int_handler, _interrupt), signal.SIGTERM: (signal.SIG_DFL,)}
     previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) in default}
+    raise_if_interrupted()
     for signum in previous:
         signal.signal(signum, stop)
     try:

@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vaelab import rundir, schema
-from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, recorded
+from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, raise_if_interrupted, recorded
 from vaelab.files import atomic_write
 from vaelab.likelihoods import describe
 from vaelab.rundir import ResumePoint
@@ -339,6 +339,7 @@ def run(start: Start) -> dict[str, float]:
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
     trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
+    raise_if_interrupted()
     if start.resumed:  # recorded only now: a resume refused by any check above leaves the run as it was
         rundir.record_resume(run_dir, cfg, list(start.overrides))
         rundir.continue_log()
