@@ -196,6 +196,7 @@ getattr(vaelab.cli, {"vaelab-train": "train", "vaelab-eval": "evaluate"}[tool])(
     "module",
     [
         "numpy._utils",  # imported by torch's C++, which swallows the KeyboardInterrupt and goes on without numpy
+        "numpy._core.printoptions",  # leaves numpy half imported: torch's import fails with another error
         "torch.nn.functional",
     ],
 )

@@ -30,7 +30,9 @@ def _run(prog: str, module: str, config_name: str) -> None:
         from vaelab import CONF_DIR
 
         def task(cfg):  # the command's module (torch, Lightning) is imported once the settings have passed
-            return import_module(module).hydra_task(cfg)
+            with exit_cleanly(prog):  # here too: Hydra adds a line of its own for a task that raises
+                command = import_module(module)
+            return command.hydra_task(cfg)
 
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
 
