@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from conftest import (
     FAST,
     PAUSING_ENV,
+    default_signals,
     event_accumulator,
     finished,
     one_line,
@@ -172,7 +173,13 @@ with exit_cleanly("vaelab-train"):
 def test_a_ctrl_c_that_surfaces_as_another_error_is_still_the_ctrl_c():
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_BECOMES_ANOTHER_ERROR], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_BECOMES_ANOTHER_ERROR],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=default_signals,
+    )
     one_line(proc, "vaelab-train: interrupted: stopped by SIGINT before training started", code=130)
 
 
