@@ -269,8 +269,10 @@ TAMPERED = {
     ),
 }
 # vaelab-eval reads the weights and the model's settings; vaelab-train (ckpt_path=) the training state as well.
+# Both read it with read_checkpoint: every case from the shell through vaelab-train, one through vaelab-eval, and
+# what vaelab-eval and vaelab-generate read (load_vae) in-process below.
 READ_BY_EVAL = [*list(TAMPERED)[:4], *list(TAMPERED)[-2:]]
-TAMPERED_CASES = [("vaelab-eval", case) for case in READ_BY_EVAL] + [("vaelab-train", case) for case in TAMPERED]
+TAMPERED_CASES = [("vaelab-eval", "class names that are not a list of names")] + [("vaelab-train", case) for case in TAMPERED]
 
 
 @pytest.mark.parametrize("tool,case", TAMPERED_CASES, ids=[f"{t}:{c}" for t, c in TAMPERED_CASES])
@@ -287,3 +289,13 @@ def test_tampered_checkpoint_contents_are_one_line(tmp_path, trained_run, tool, 
     line = one_line(run_cli(*args, tool=tool, check=False), f"{tool}: error: ")
     assert says in line and ("ckpt_path=" in line or "resume_from=" in line or "start a new run" in line), line
     assert snapshot(trained_run) == before and not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", READ_BY_EVAL)
+def test_what_eval_and_generate_load_of_a_tampered_checkpoint_is_refused(tmp_path, trained_run, case):
+    change, says = TAMPERED[case]
+    path = tmp_path / "tampered.ckpt"
+    torch.save(_tampered(torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True), change), path)
+    with pytest.raises(UserError) as refused:
+        load_vae(path)
+    assert says in str(refused.value) and "\n" not in str(refused.value)
