@@ -235,9 +235,12 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole_when_a_write_fails(tmp_p
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
-def _tampered(checkpoint: dict, change) -> dict:
+def tampered_copy(run_dir: Path, change, path: Path) -> Path:
+    """The run's last checkpoint, changed by `change`, saved at `path`."""
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     change(checkpoint)
-    return checkpoint
+    torch.save(checkpoint, path)
+    return path
 
 
 # A checkpoint's contents are data like any setting: each field the commands read, tampered with.
@@ -280,8 +283,7 @@ def test_tampered_checkpoint_contents_are_one_line(tmp_path, trained_run, tool, 
     from conftest import one_line, snapshot
 
     change, says = TAMPERED[case]
-    path = tmp_path / "tampered.ckpt"
-    torch.save(_tampered(torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True), change), path)
+    path = tampered_copy(trained_run, change, tmp_path / "tampered.ckpt")
     before = snapshot(trained_run)
     args = [f"ckpt_path={path}", f"hydra.run.dir={tmp_path / 'run'}"] + (
         [*FAST, "epochs=3", "latent_dim=16"] if tool == "vaelab-train" else ["num_images=10"]
@@ -294,8 +296,7 @@ def test_tampered_checkpoint_contents_are_one_line(tmp_path, trained_run, tool, 
 @pytest.mark.parametrize("case", READ_BY_EVAL)
 def test_what_eval_and_generate_load_of_a_tampered_checkpoint_is_refused(tmp_path, trained_run, case):
     change, says = TAMPERED[case]
-    path = tmp_path / "tampered.ckpt"
-    torch.save(_tampered(torch.load(trained_run / "checkpoints" / "last.ckpt", weights_only=True), change), path)
+    path = tampered_copy(trained_run, change, tmp_path / "tampered.ckpt")
     with pytest.raises(UserError) as refused:
         load_vae(path)
     assert says in str(refused.value) and "\n" not in str(refused.value)
