@@ -21,8 +21,7 @@ BIN = Path(sys.executable).parent
 DATA_DIR = Path(os.environ.get("VAELAB_DATA_DIR", REPO / "data"))
 
 # A few batches of real data: enough to train visibly, small enough for a test. Three epochs, not the default ten:
-# each epoch adds its validation and pictures (about 0.7 s a run here) and three already show a curve and a best
-# checkpoint that is not the last one can be.
+# each epoch adds its validation and pictures (about 0.7 s a run here), and three already make a curve.
 FAST = [
     "epochs=3",
     "trainer.limit_train_batches=20",
