@@ -347,7 +347,12 @@ class SweepSummary(Callback):
 
     @staticmethod
     def stop_workers(signum: int, sweep_dir: Path, app: str, grace: float = 60.0) -> None:
-        """SIGTERM to every worker, wait until their jobs have stopped (or `grace` seconds), end them, say how far."""
+        """SIGTERM to every worker, wait until their jobs have stopped (or `grace` seconds), end them, say how far.
+        Only that line reaches stderr: joblib's own threads, seeing their workers go, print tracebacks and warnings
+        there (its process-tree kill fails once its pgrep is among the children ended here)."""
+        stderr = os.dup(2)
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
         workers = _children()
         for pid in workers:
             with contextlib.suppress(OSError):
@@ -360,11 +365,7 @@ class SweepSummary(Callback):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         rows = _mark_unfinished(sweep_dir, f"the sweep was stopped by {signal.Signals(signum).name}")
-        print(
-            f"{app}: interrupted: stopped by {signal.Signals(signum).name}; {how_far(rows, sweep_dir)}",
-            file=sys.stderr,
-            flush=True,
-        )
+        os.write(stderr, f"{app}: interrupted: stopped by {signal.Signals(signum).name}; {how_far(rows, sweep_dir)}\n".encode())
         os._exit(128 + signum)  # joblib's own shutdown would wait for workers that are gone
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
