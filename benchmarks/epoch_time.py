@@ -28,10 +28,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
 from vaelab import CONF_DIR
-from vaelab.data import MNISTLike
-from vaelab.module import elbo_loss
-from vaelab.networks import DenseDecoder, DenseEncoder
-from vaelab.train import train
+from vaelab.commands.train import train
+from vaelab.data.mnist import MNISTLike
+from vaelab.model.networks import DenseDecoder, DenseEncoder
+from vaelab.model.vae import elbo_loss
 
 REPO = Path(__file__).resolve().parents[1]
 LATENT = 256

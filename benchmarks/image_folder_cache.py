@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vaelab.image_folder import CACHE_FOLDER, ImageFolder
+from vaelab.data.image_folder import CACHE_FOLDER, ImageFolder
 
 
 def write_fashion(root: Path, count: int) -> dict:
-    from vaelab.data import MNISTLike
+    from vaelab.data.mnist import MNISTLike
 
     dm = MNISTLike(data_dir=os.environ.get("VAELAB_DATA_DIR", "data"))
     dm.setup()

@@ -30,10 +30,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-import vaelab.schema  # noqa: F401  registers the schemas and resolvers
+import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers
 from vaelab import CONF_DIR
-from vaelab.data import MNISTLike
-from vaelab.hardware import cpu_precision
+from vaelab.data.mnist import MNISTLike
+from vaelab.runs.hardware import cpu_precision
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_IMAGES, VAL_IMAGES = 55000, 5000

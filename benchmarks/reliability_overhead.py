@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/reliability_overhead.py [--steps 300] [--batch-size 128] [--saves 20] [--threads 1]
 
-- The non-finite-loss guard (vaelab.guards.FiniteLoss.on_train_batch_end, called every training step; it
+- The non-finite-loss guard (vaelab.runs.guards.FiniteLoss.on_train_batch_end, called every training step; it
   reads the logged loss once per logging window) against a whole training step of the default model (dense,
   latent 256: forward, loss, backward, fused Adam), interleaved so machine noise hits both alike.
 - AtomicCheckpointIO (temporary file, fsync, rename) against Lightning's TorchCheckpointIO, saving the
@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from vaelab.checkpoints import AtomicCheckpointIO
-from vaelab.guards import FiniteLoss
-from vaelab.module import elbo_loss
-from vaelab.networks import DenseDecoder, DenseEncoder
+from vaelab.model.networks import DenseDecoder, DenseEncoder
+from vaelab.model.vae import elbo_loss
+from vaelab.runs.checkpoints import AtomicCheckpointIO
+from vaelab.runs.guards import FiniteLoss
 
 
 class _Trainer:  # what the guard reads: a window of 50 steps, the loss logged at its end

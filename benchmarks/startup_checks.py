@@ -1,5 +1,5 @@
-"""What the start-up checks cost: every setting of a command checked (vaelab.schema.check) and its run
-directory claimed and locked (vaelab.rundir), in-process, against the whole refusal from the shell.
+"""What the start-up checks cost: every setting of a command checked (vaelab.runs.settings.check) and its run
+directory claimed and locked (vaelab.runs.rundir), in-process, against the whole refusal from the shell.
 
     .venv/bin/python benchmarks/startup_checks.py [--repeats 200] [--shell 5]
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-import vaelab.schema  # noqa: F401  registers the schemas and resolvers
+import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers
 from vaelab import CONF_DIR
-from vaelab.rundir import claim, lock
-from vaelab.schema import check
+from vaelab.runs.rundir import claim, lock
+from vaelab.runs.settings import check
 
 
 def per_call(function, repeats: int) -> float:

@@ -125,7 +125,7 @@ def compose(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict
 
-    import vaelab.schema  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
+    import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
 
     def _compose(overrides: list[str]):
         with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
@@ -205,12 +205,12 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def dense_vae(latent_dim: int = 3, image_shape=(1, 4, 4), lr: float = 1e-2, **kwargs):
     """A small dense VAE built in-process (no config), for unit tests of the module and its guards."""
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     net = {"latent_dim": latent_dim, "image_shape": list(image_shape)}
     return VAE(
-        encoder={"_target_": "vaelab.networks.DenseEncoder", **net},
-        decoder={"_target_": "vaelab.networks.DenseDecoder", **net},
+        encoder={"_target_": "vaelab.model.networks.DenseEncoder", **net},
+        decoder={"_target_": "vaelab.model.networks.DenseDecoder", **net},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr},
         latent_dim=latent_dim,
         **kwargs,

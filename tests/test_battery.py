@@ -226,7 +226,7 @@ def test_a_gpu_asked_for_on_a_machine_without_one(tmp_path, tool, args):
 @pytest.fixture(scope="module")
 def raw_files(trained_run) -> Path:
     """The real decompressed IDX files (the session's trained run made sure the data cache exists)."""
-    from vaelab.data import locate
+    from vaelab.data.mnist import locate
 
     return locate(DATA_DIR, "FashionMNIST", None, download=False)
 
@@ -455,7 +455,7 @@ def test_runs_started_at_once_get_their_own_directories(tmp_path):
     """Eight processes claiming the same default <date>/<time> at once each get their own directory."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from vaelab.rundir import claim
+    from vaelab.runs.rundir import claim
 
     base = tmp_path / "outputs" / "2026-12-01" / "12-00-00"
     with ProcessPoolExecutor(4) as pool:

@@ -18,8 +18,11 @@ import torch
 from PIL import Image
 
 from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, train_run
-from vaelab.callbacks import Traversals, interpolate, label_column
-from vaelab.data import MNISTLike, seeded_order
+from vaelab.data.mnist import MNISTLike
+from vaelab.data.tensors import seeded_order
+from vaelab.model.latent import interpolate
+from vaelab.pictures.latent_maps import Traversals
+from vaelab.pictures.base import label_column
 
 CELL, PAD = 28, 2  # make_grid's cells and padding in every grid
 STEPS = [20, 40]  # global steps of the two validation epochs (20 batches each)
@@ -148,7 +151,7 @@ def test_no_noise_logs_the_clean_row_twice_on_its_own_schedule(latent2_run):
 
 @pytest.mark.parametrize("run_fixture", ["latent16_run", "latent2_run"])  # linear, spherical
 def test_interpolation_ends_are_the_reconstructions_of_the_end_images(run_fixture, request):
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     run = request.getfixturevalue(run_fixture)
     _, pixels = logged(event_accumulator(run), "interpolation")[-1]
@@ -201,7 +204,7 @@ def test_latent_map_at_latent_dim_2_and_switched_off_picture_absent(latent2_run)
 def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(latent16_run):
     import torchvision
 
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     board = latent16_run / "tensorboard"
     config = (board / "projector_config.pbtxt").read_text()
@@ -225,7 +228,7 @@ def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(late
 
 def test_bad_picture_settings_fail_naming_the_setting(compose):
     from vaelab.errors import UserError
-    from vaelab.schema import check
+    from vaelab.runs.settings import check
 
     with pytest.raises(UserError, match=r"callbacks\.interpolation\.method='cubic' is not allowed: .* one of linear, spherical"):
         check(compose(["callbacks.interpolation.method=cubic"]), "train")
@@ -339,7 +342,7 @@ def label_pixels(units, kl, height: int) -> np.ndarray:
 def test_traversal_rows_vary_the_most_used_units_named_in_their_labels(
     run_fixture, latent_dim, steps, range_std, request, val_images
 ):
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     run = request.getfixturevalue(run_fixture)
     logged_images = logged(event_accumulator(run), "traversals")
@@ -399,7 +402,7 @@ def test_the_row_of_an_inactive_unit_stays_still_and_comes_last(tmp_path):
 
 def test_bad_traversal_settings_fail_naming_the_setting(compose):
     from vaelab.errors import UserError
-    from vaelab.schema import check
+    from vaelab.runs.settings import check
 
     with pytest.raises(UserError, match=r"callbacks\.traversals\.steps=1 is not allowed: .* an integer >= 2"):
         check(compose(["callbacks.traversals.steps=1"]), "train")
@@ -480,7 +483,7 @@ def test_rgb_projector_has_colour_thumbnails_named_by_their_folders(rgb_run):
 
 
 def test_large_images_are_shrunk_to_fit_the_projector_sprite():
-    from vaelab.callbacks import SPRITE_SIDE, thumbnails
+    from vaelab.pictures.latent_maps import SPRITE_SIDE, thumbnails
 
     small = torch.rand(2000, 3, 64, 64)
     assert thumbnails(small).shape == small.shape  # 45 a side x 64 fits in 8192
@@ -533,8 +536,8 @@ AGREEMENT_BAR = 0.30
 
 def test_the_cached_classifier_recognises_each_samples_by_class_row_as_its_class(conditional_run):
     """The quality bar of conditional generation: the samples of each row look like their class, to the classifier
-    vaelab trains once and caches beside the data (vaelab.classifier), well above chance after a short run."""
-    from vaelab.classifier import load_or_train_classifier, predict
+    vaelab trains once and caches beside the data (vaelab.evaluation.classifier), well above chance after a short run."""
+    from vaelab.evaluation.classifier import load_or_train_classifier, predict
 
     classifier, test_accuracy = load_or_train_classifier(DATA_DIR)
     assert test_accuracy > 0.85

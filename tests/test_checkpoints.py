@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from conftest import FAST, run_cli
-from vaelab.checkpoints import AtomicCheckpointIO, check_buildable, load_vae, network_class, read_checkpoint
 from vaelab.errors import UserError
-from vaelab.networks import DenseEncoder
+from vaelab.model.networks import DenseEncoder
+from vaelab.runs.checkpoints import AtomicCheckpointIO, check_buildable, load_vae, network_class, read_checkpoint
 
 MODULE = """
 from pathlib import Path
@@ -28,7 +28,7 @@ def make(path):  # a function with a side effect: must never run
 class Encoder(torch.nn.Module):  # a user's own network class
     def __init__(self, latent_dim, image_shape=(1, 28, 28)):
         super().__init__()
-        self.inner = __import__("vaelab.networks", fromlist=["DenseEncoder"]).DenseEncoder(latent_dim, image_shape)
+        self.inner = __import__("vaelab.model.networks", fromlist=["DenseEncoder"]).DenseEncoder(latent_dim, image_shape)
     def forward(self, x):
         return self.inner(x)
 """
@@ -65,13 +65,20 @@ def attack(marker: Path) -> dict:
     """Each crafted encoder spec: what it would do if built."""
     touch = {"_target_": "pathlib.Path.touch", "_args_": [str(marker)]}
     return {
-        "attribute path traversal": {"_target_": "vaelab.networks.torch.serialization.os.system", "_args_": [f"touch {marker}"]},
+        "attribute path traversal": {
+            "_target_": "vaelab.model.networks.torch.serialization.os.system",
+            "_args_": [f"touch {marker}"],
+        },
         "traversal from torch.nn": {"_target_": "torch.nn.modules.module.os.system", "_args_": [f"touch {marker}"]},
-        "a nested target in the arguments": {"_target_": "vaelab.networks.DenseEncoder", "latent_dim": 16, "image_shape": touch},
+        "a nested target in the arguments": {
+            "_target_": "vaelab.model.networks.DenseEncoder",
+            "latent_dim": 16,
+            "image_shape": touch,
+        },
         "a function": {"_target_": "user_nets.make", "_args_": [str(marker)]},
         "a class of a module not allowed": {"_target_": "subprocess.Popen", "_args_": [["touch", str(marker)]]},
         "a function of torch.nn": {"_target_": "torch.nn.init.ones_", "_args_": [[1.0]]},
-        "a hidden Hydra key": {"_target_": "vaelab.networks.DenseEncoder", "latent_dim": 16, "_partial_": True},
+        "a hidden Hydra key": {"_target_": "vaelab.model.networks.DenseEncoder", "latent_dim": 16, "_partial_": True},
     }
 
 
@@ -108,7 +115,7 @@ def test_crafted_checkpoints_from_the_shell_run_nothing(tmp_path, trained_run, t
         tmp_path,
         marker,
         lambda hp: hp.__setitem__(
-            "decoder", {"_target_": "vaelab.networks.torch.serialization.os.system", "_args_": [f"touch {marker}"]}
+            "decoder", {"_target_": "vaelab.model.networks.torch.serialization.os.system", "_args_": [f"touch {marker}"]}
         ),
     )
     pickled = tmp_path / "pickled.ckpt"
@@ -123,19 +130,19 @@ def test_crafted_checkpoints_from_the_shell_run_nothing(tmp_path, trained_run, t
 
 
 def test_only_network_classes_of_allowed_modules_resolve(user_module):
-    assert network_class("vaelab.networks.DenseEncoder") is DenseEncoder
+    assert network_class("vaelab.model.networks.DenseEncoder") is DenseEncoder
     assert network_class("torch.nn.Linear") is torch.nn.Linear
     assert network_class("torch.nn.modules.linear.Linear") is torch.nn.Linear
     for target in [
-        "vaelab.networks.torch.nn.Linear",
+        "vaelab.model.networks.torch.nn.Linear",
         "torch.nn.functional.torch",
         "torch.nn.Linear.__init__",
         "os.system",
-        "vaelab.networks.math",
-        "vaelab.networks",
+        "vaelab.model.networks.math",
+        "vaelab.model.networks",
         "",
         "user_nets.Encoder",
-        "vaelab.networks.DenseEncoder.mro",
+        "vaelab.model.networks.DenseEncoder.mro",
     ]:
         with pytest.raises(UserError, match="refusing to build"):
             network_class(target)
@@ -149,10 +156,12 @@ def test_only_network_classes_of_allowed_modules_resolve(user_module):
 
 
 def test_arguments_must_be_plain_data():
-    check_buildable({"_target_": "vaelab.networks.DenseEncoder", "latent_dim": 2, "hidden": [3, 4], "image_shape": (1, 2, 2)})
+    check_buildable(
+        {"_target_": "vaelab.model.networks.DenseEncoder", "latent_dim": 2, "hidden": [3, 4], "image_shape": (1, 2, 2)}
+    )
     for bad in [
-        {"_target_": "vaelab.networks.DenseEncoder", "latent_dim": torch.zeros(1)},
-        {"_target_": "vaelab.networks.DenseEncoder", "_convert_": "all", "x": {"_target_": "os.getcwd"}},
+        {"_target_": "vaelab.model.networks.DenseEncoder", "latent_dim": torch.zeros(1)},
+        {"_target_": "vaelab.model.networks.DenseEncoder", "_convert_": "all", "x": {"_target_": "os.getcwd"}},
         {1: "a"},
     ]:
         with pytest.raises(UserError, match="refusing"):

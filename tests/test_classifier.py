@@ -1,4 +1,4 @@
-"""The cached classifier (vaelab.classifier): trained once and read back, seeded, accurate, a damaged cache retrained.
+"""The cached classifier (vaelab.evaluation.classifier): trained once and read back, seeded, accurate, a damaged cache retrained.
 
 The tests train on the first 3,000 training images for 2 epochs (about 2 s); the real cache trains on all 60,000.
 """
@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from conftest import DATA_DIR
-from vaelab import classifier
-from vaelab.classifier import Classifier, features, load_or_train_classifier, predict
-from vaelab.data import MNISTLike, TensorData
+from vaelab.data.mnist import MNISTLike
+from vaelab.data.tensors import TensorData
 from vaelab.errors import UserError
+from vaelab.evaluation import classifier
+from vaelab.evaluation.classifier import Classifier, features, load_or_train_classifier, predict
 
 SMALL = {"train_size": 3000, "epochs": 2}
 # Test accuracy of SMALL, measured for seeds 0, 1, 2: 0.738, 0.736, 0.735 (chance: 0.10; all 60,000 images for
@@ -58,7 +59,7 @@ def test_a_damaged_cache_is_trained_again(fashion, tmp_path, caplog):
     load_or_train_classifier(fashion, cache_dir=tmp_path, **TINY)
     (path,) = tmp_path.iterdir()
     path.write_bytes(path.read_bytes()[:1000])  # truncated
-    with caplog.at_level(logging.WARNING, logger="vaelab.classifier"):
+    with caplog.at_level(logging.WARNING, logger="vaelab.evaluation.classifier"):
         _, test_accuracy = load_or_train_classifier(fashion, cache_dir=tmp_path, **TINY)
     (line,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"the cache {path} is damaged" in line and "training it again" in line and "\n" not in line
@@ -70,7 +71,7 @@ def test_a_cache_of_another_shape_is_not_trusted(tmp_path, caplog):
     record = {"version": classifier.CACHE_VERSION, "image_shape": [3, 32, 32], "num_classes": 10}
     record["state_dict"], record["test_accuracy"] = Classifier((3, 32, 32), 10).state_dict(), 0.5
     torch.save(record, path)
-    with caplog.at_level(logging.WARNING, logger="vaelab.classifier"):
+    with caplog.at_level(logging.WARNING, logger="vaelab.evaluation.classifier"):
         assert classifier.read_cache(path, (1, 28, 28), torch.device("cpu")) is None
     assert "image shape (3, 32, 32), expected (1, 28, 28)" in caplog.text
     assert classifier.read_cache(path, (3, 32, 32), torch.device("cpu")) is not None

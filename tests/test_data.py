@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vaelab.data import IDX_FILES, MNISTLike, TensorBatches, locate, read_idx
+from vaelab.data.mnist import IDX_FILES, MNISTLike, locate, read_idx
+from vaelab.data.tensors import TensorBatches
 from vaelab.errors import UserError
 
 
@@ -122,7 +123,7 @@ def test_tensor_batches_shard_across_ranks():
     assert sorted(torch.cat(shards).tolist()) == list(range(10))
 
 
-# --- other torchvision datasets by name (vaelab.data.TorchvisionData); nothing is ever downloaded -----------------
+# --- other torchvision datasets by name (vaelab.data.torchvision_data.TorchvisionData); nothing is ever downloaded -----------------
 
 OFFLINE = {  # a proxy on a closed port: a download fails at once, even where the internet is
     **{k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
@@ -152,7 +153,7 @@ def tiny_kmnist(tmp_path_factory) -> tuple[Path, dict]:
 def test_a_torchvision_dataset_loads_from_a_local_copy_once_then_from_its_cache(tiny_kmnist, monkeypatch, caplog):
     import torchvision
 
-    import vaelab.data as data
+    import vaelab.data.mnist as data
 
     data_dir, tensors = tiny_kmnist
     dm = data.TorchvisionData("KMNIST", data_dir=str(data_dir), image_shape=(1, 28, 28), val_size=50)
@@ -230,8 +231,8 @@ def test_offline_download_of_a_torchvision_dataset_is_one_line(tmp_path):
 
 
 def test_torchvision_names_and_missing_files_are_one_line(tmp_path, compose):
-    from vaelab import schema
-    from vaelab.data import TorchvisionData
+    from vaelab.data.torchvision_data import TorchvisionData
+    from vaelab.runs import settings
 
     with pytest.raises(UserError, match=r"^data.dataset='Cifar' is not a torchvision dataset: choose one of CIFAR10, CIFAR100"):
         TorchvisionData("Cifar", data_dir=str(tmp_path))
@@ -242,12 +243,12 @@ def test_torchvision_names_and_missing_files_are_one_line(tmp_path, compose):
         "download it once with data.download=true (needs the internet), or put torchvision's files for CIFAR10 there"
     )
     cfg = compose(["data=cifar10", "model.likelihood=discretized_logistic"])
-    schema.check(cfg, "train")
+    settings.check(cfg, "train")
     assert cfg.data.image_shape == [3, 32, 32] and cfg.data.dataset == "CIFAR10"
     with pytest.raises(UserError, match="model.likelihood=bernoulli is not a likelihood of 3-channel images"):
-        schema.check(compose(["data=svhn"]), "train")
+        settings.check(compose(["data=svhn"]), "train")
     with pytest.raises(UserError, match=r"^data.dataset is required, e.g. data.dataset=CIFAR10$"):
-        schema.check(compose(["data=torchvision"]), "train")
+        settings.check(compose(["data=torchvision"]), "train")
 
 
 def test_torchvision_arrays_become_nchw_uint8_tensors():
@@ -255,7 +256,7 @@ def test_torchvision_arrays_become_nchw_uint8_tensors():
 
     import numpy as np
 
-    from vaelab.data import as_tensors
+    from vaelab.data.torchvision_data import as_tensors
 
     hwc = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)  # CIFAR: [N, H, W, C], labels in .targets
     images, labels = as_tensors(SimpleNamespace(data=hwc, targets=[3, 1]), "CIFAR10")

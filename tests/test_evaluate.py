@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import DATA_DIR, REPO, dense_vae, read_metrics, run_cli
-from vaelab.data import MNISTLike
-from vaelab.evaluate import active_units, evaluate, likelihood, noisy_input_errors
-from vaelab.module import VAE, bernoulli_nll
-from vaelab.networks import DenseDecoder
+from vaelab.commands.evaluate import active_units, evaluate, likelihood, noisy_input_errors
+from vaelab.data.mnist import MNISTLike
+from vaelab.model.networks import DenseDecoder
+from vaelab.model.vae import VAE, bernoulli_nll
 
 # The linear probe and the Fréchet distance on few images (the eval defaults: all 60,000 training images, and a
 # classifier trained on them for 3 epochs, about 50 s once).
@@ -32,8 +32,8 @@ def tiny_vae(latent_dim: int, image_shape, enc_bias, dec_weight, dec_bias, objec
     """A dense VAE with hand-set weights: the encoder ignores x (mu, logvar = enc_bias), the decoder's logits
     are dec_weight @ z + dec_bias."""
     vae = VAE(
-        encoder={"_target_": "vaelab.networks.DenseEncoder", "latent_dim": latent_dim, "image_shape": image_shape},
-        decoder={"_target_": "vaelab.networks.DenseDecoder", "latent_dim": latent_dim, "image_shape": image_shape},
+        encoder={"_target_": "vaelab.model.networks.DenseEncoder", "latent_dim": latent_dim, "image_shape": image_shape},
+        decoder={"_target_": "vaelab.model.networks.DenseDecoder", "latent_dim": latent_dim, "image_shape": image_shape},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True},
         latent_dim=latent_dim,
         objective=objective,
@@ -53,7 +53,7 @@ def trained(tmp_path_factory):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    import vaelab.schema  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
+    import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers, as vaelab-train does
 
     root = tmp_path_factory.mktemp("denoise")
     models = {}
@@ -305,8 +305,8 @@ def test_memory_stays_flat_over_many_images_at_large_k():
     once. (Kept as small tensors per chunk, they pinned freed activations in glibc's heap: with the fmnist_density
     preset's MLP, resident memory grew ~7.5 MB per image and the OOM killer stopped vaelab-eval on the 10,000 test
     images; here the old code grew 549 MiB over these 160 images.)"""
-    from vaelab.data import MNISTLike
-    from vaelab.networks import DenseEncoder
+    from vaelab.data.mnist import MNISTLike
+    from vaelab.model.networks import DenseEncoder
 
     def resident_mib() -> float:
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
@@ -368,8 +368,8 @@ def test_vaelab_eval_on_a_colour_image_folder_checkpoint(tmp_path, rgb_run):
 def small_classifier(tmp_path_factory):
     """The classifier of the Fréchet distance, trained on 3,000 training images for 2 epochs (test accuracy about
     0.74; the real one, all 60,000 for 3 epochs, 0.895), and the Fashion-MNIST data module."""
-    from vaelab.classifier import load_or_train_classifier
-    from vaelab.data import MNISTLike
+    from vaelab.data.mnist import MNISTLike
+    from vaelab.evaluation.classifier import load_or_train_classifier
 
     datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
     model, _ = load_or_train_classifier(datamodule, epochs=2, train_size=3000, cache_dir=tmp_path_factory.mktemp("classifier"))
@@ -377,7 +377,7 @@ def small_classifier(tmp_path_factory):
 
 
 def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_classifier):
-    from vaelab.measures import frechet_distances, prior_samples
+    from vaelab.evaluation.measures import frechet_distances, prior_samples
 
     models, _ = trained
     classifier, datamodule = small_classifier
@@ -412,8 +412,8 @@ def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_clas
 def test_vaelab_eval_conditions_a_conditional_model_on_the_true_labels_and_says_so(tmp_path, conditional_run):
     """eval.json and the summary say the figures are conditioned on the true test labels, and they are: the same
     images under the wrong labels are less likely."""
-    from vaelab.checkpoints import load_vae
-    from vaelab.data import MNISTLike
+    from vaelab.data.mnist import MNISTLike
+    from vaelab.runs.checkpoints import load_vae
 
     ckpt = conditional_run / "checkpoints" / "last.ckpt"
     proc = run_cli(

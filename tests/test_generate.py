@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from vaelab.callbacks import interpolation_rows
-from vaelab.checkpoints import load_vae
+from vaelab.commands.generate import class_index
 from vaelab.errors import UserError
-from vaelab.generate import class_index
+from vaelab.model.latent import interpolation_rows
+from vaelab.runs.checkpoints import load_vae
 
 
 def only_run_dir(root):

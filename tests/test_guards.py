@@ -8,10 +8,10 @@ import pytorch_lightning as pl
 import torch
 
 from conftest import DATA_DIR, dense_vae, one_line, train_run
-from vaelab.data import MNISTLike
+from vaelab.data.mnist import MNISTLike
 from vaelab.errors import UserError
-from vaelab.guards import for_run
-from vaelab.module import VAE
+from vaelab.model.vae import VAE
+from vaelab.runs.guards import for_run
 
 
 class PoisonAtStep(pl.Callback):

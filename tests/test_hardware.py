@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from vaelab import hardware
+from vaelab.runs import hardware
 
 
 def test_cpu_precision_follows_cpuinfo_flags(compose):

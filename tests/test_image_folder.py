@@ -1,4 +1,4 @@
-"""vaelab.image_folder.ImageFolder on real image files that PIL writes into tmp_path."""
+"""vaelab.data.image_folder.ImageFolder on real image files that PIL writes into tmp_path."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-import vaelab.image_folder as image_folder
+import vaelab.data.image_folder as image_folder
+from vaelab.data.image_folder import CACHE_FOLDER, ImageFolder
 from vaelab.errors import UserError
-from vaelab.image_folder import CACHE_FOLDER, ImageFolder
 
 
 def write(path: Path, size=(12, 10), mode="L", value=128, fmt=None) -> Path:
@@ -245,7 +245,7 @@ def test_too_large_for_memory(tmp_path, monkeypatch):
 
 
 def test_bad_settings(tmp_path, compose):
-    from vaelab import schema
+    from vaelab.runs import settings
 
     root = classes_folder(tmp_path / "images")
     folder = ["data=image_folder", f"data.path={root}"]
@@ -263,10 +263,10 @@ def test_bad_settings(tmp_path, compose):
         ("data.crop=perhaps", "data.crop='perhaps' is not allowed: data.crop must be true or false, e.g. data.crop=true"),
     ]:
         with pytest.raises(UserError) as err:
-            schema.check(compose([*folder, override]), "train")
+            settings.check(compose([*folder, override]), "train")
         assert str(err.value) == message
     with pytest.raises(UserError, match=r"^data.path is required, e.g. data.path=path/to/images$"):
-        schema.check(compose(["data=image_folder"]), "train")
+        settings.check(compose(["data=image_folder"]), "train")
     with pytest.raises(UserError, match=r"data.image_shape=\[1, 28, 28\] does not match data.channels=3 and data.image_size=8"):
         make(root, tmp_path, channels=3, image_shape=(1, 28, 28))
     with pytest.raises(UserError, match="leave no training images"):
@@ -278,14 +278,14 @@ def test_bad_settings(tmp_path, compose):
 
 
 def test_config_resolves_checks_and_builds(tmp_path, compose):
-    from vaelab import schema
     from vaelab.errors import build
+    from vaelab.runs import settings
 
     root = classes_folder(tmp_path / "images")
     cfg = compose(
         ["data=image_folder", f"data.path={root}", "data.channels=3", "data.image_size=16", "model.likelihood=gaussian"]
     )
-    schema.check(cfg, "train")
+    settings.check(cfg, "train")
     assert cfg.data.dataset == "ImageFolder" and cfg.data.image_shape == [3, 16, 16]
     assert cfg.model.encoder.image_shape == [3, 16, 16]
     dm = build(cfg.data, "data")
@@ -300,7 +300,7 @@ def fashion_folder(tmp_path_factory) -> Path:
     """300 real Fashion-MNIST test images exported as PNG, one subfolder per class, named by torchvision's class
     names ('/' becomes '-': 'T-shirt-top')."""
     from conftest import DATA_DIR
-    from vaelab.data import MNISTLike
+    from vaelab.data.mnist import MNISTLike
 
     dm = MNISTLike(data_dir=str(DATA_DIR))
     dm.setup()

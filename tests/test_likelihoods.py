@@ -11,7 +11,7 @@ from torch.distributions import Bernoulli as TorchBernoulli
 from torch.distributions import ContinuousBernoulli as TorchCB
 from torch.distributions import Normal
 
-from vaelab import likelihoods as L
+from vaelab.model import likelihoods as L
 
 
 def _gen(seed: int = 0) -> torch.Generator:

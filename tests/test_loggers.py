@@ -112,7 +112,7 @@ def version(name):
     return real_version(name)
 metadata.version = version
 sys.argv[0] = "vaelab-train"
-from vaelab.cli import train
+from vaelab.commands.cli import train
 train()
 """
 

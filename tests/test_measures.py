@@ -1,11 +1,11 @@
-"""vaelab.measures: the linear probe on data whose answer is known, and its chance level; vaelab-eval's notes where
+"""vaelab.evaluation.measures: the linear probe on data whose answer is known, and its chance level; vaelab-eval's notes where
 the probe and the Fréchet distance are not computed."""
 
 import torch
 from omegaconf import OmegaConf
 
-from vaelab.evaluate import probe_and_frechet
-from vaelab.measures import chance_level, linear_probe
+from vaelab.commands.evaluate import probe_and_frechet
+from vaelab.evaluation.measures import chance_level, linear_probe
 
 
 def blobs(n: int, seed: int, spread: float):

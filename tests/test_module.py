@@ -7,7 +7,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
-from vaelab.module import VAE, add_noise, bernoulli_nll, elbo_loss, gaussian_kl, notebook_loss
+from vaelab.model.vae import VAE, add_noise, bernoulli_nll, elbo_loss, gaussian_kl, notebook_loss
 
 
 def test_gaussian_kl_matches_hand_computation():
@@ -120,7 +120,7 @@ FASHION = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shi
 def test_every_model_can_be_conditional_with_labels_through_every_figure(compose, model):
     """model.conditional=true: the labels reach the loss, the IWAE bound and the samples, and change them; the class
     names are plain hyperparameters (what a checkpoint rebuilds the networks from)."""
-    from vaelab.module import bounds
+    from vaelab.model.vae import bounds
 
     vae: VAE = instantiate(compose([f"model={model}", "latent_dim=4", "model.conditional=true"]).model, class_names=FASHION)
     assert vae.conditional and vae.num_classes == 10 and vae.hparams["class_names"] == FASHION

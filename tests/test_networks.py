@@ -1,4 +1,4 @@
-"""vaelab.networks: the conv networks take their shape from the data; the 28x28 default is the network it always was."""
+"""vaelab.model.networks: the conv networks take their shape from the data; the 28x28 default is the network it always was."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 
 from conftest import FAST, one_line, run_cli
 from vaelab.errors import UserError
-from vaelab.networks import ConvDecoder, ConvEncoder, DenseDecoder, DenseEncoder, conv_blocks
+from vaelab.model.networks import ConvDecoder, ConvEncoder, DenseDecoder, DenseEncoder, conv_blocks
 
 
 def former_conv(latent_dim: int, c: int = 1) -> tuple[nn.Module, nn.Module]:
@@ -110,11 +110,11 @@ def test_a_size_that_does_not_fit_is_refused_from_the_shell_naming_the_setting(t
 def test_a_64x64_colour_conv_vae_is_built_from_the_config_and_trains_a_step(compose, tmp_path):
     from hydra.utils import instantiate
 
-    from vaelab import schema
+    from vaelab.runs import settings
 
     data = ["data=image_folder", f"data.path={tmp_path}", "data.channels=3", "data.image_size=64"]
     cfg = compose([*data, "model=conv", "model.likelihood=discretized_logistic", "latent_dim=16"])
-    schema.check(cfg, "train")
+    settings.check(cfg, "train")
     vae = instantiate(cfg.model)
     assert [m.out_channels for m in vae.encoder.body if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
     assert [m.out_channels for m in vae.decoder.body if isinstance(m, nn.ConvTranspose2d)] == [128, 64, 32, 6]  # mean, log-scale

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from conftest import DATA_DIR, event_accumulator, train_run
-from vaelab.data import MNISTLike, seeded_order
+from vaelab.data.mnist import MNISTLike
+from vaelab.data.tensors import seeded_order
 
 CELL, PAD, N = 28, 2, 10
 NOTEBOOK_TAGS = {
@@ -32,7 +33,7 @@ def notebook_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def notebook_vae(notebook_run):
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     # last.ckpt holds the weights that drew the pictures of the last (here the only) epoch
     return VAE.load_from_checkpoint(notebook_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
@@ -132,7 +133,7 @@ def test_notebook_reconstructions_show_four_images_above_their_sampled_reconstru
 
 def test_only_the_notebook_preset_draws_them_and_bad_settings_fail_in_one_line(compose):
     from vaelab.errors import UserError
-    from vaelab.schema import check
+    from vaelab.runs.settings import check
 
     assert "notebook_pictures" not in compose([]).callbacks
     assert compose(["experiment=notebook"]).callbacks.notebook_pictures.grid_size == N

@@ -13,8 +13,9 @@ import torch
 from torch.distributions import Bernoulli, Normal
 
 from conftest import DATA_DIR, dense_vae, read_metrics, train_run
-from vaelab.data import MNISTLike, TensorBatches
-from vaelab.module import VAE, bounds, free_bits_kl, gaussian_kl, iwae_bound, log_weights
+from vaelab.data.mnist import MNISTLike
+from vaelab.data.tensors import TensorBatches
+from vaelab.model.vae import VAE, bounds, free_bits_kl, gaussian_kl, iwae_bound, log_weights
 
 
 def small_vae(**kwargs) -> VAE:
@@ -72,7 +73,8 @@ def test_the_pictures_show_images_prepared_as_the_model_was_trained(datamodules)
     """Under binarize=dynamic the pictures' training images are one fixed Bernoulli draw of the chosen grey images
     (the model is never trained on grey levels), the validation images the data module's own fixed draws; with
     binarize=static the data module's binary images as they are; with binarize=none grey levels, as before."""
-    from vaelab.callbacks import NotebookPictures, Reconstructions
+    from vaelab.pictures.notebook import NotebookPictures
+    from vaelab.pictures.grids import Reconstructions
 
     def binary(images: torch.Tensor) -> bool:
         return set(images.unique().tolist()) <= {0.0, 1.0}

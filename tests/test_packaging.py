@@ -103,6 +103,6 @@ def test_installed_train_finds_a_users_config_dir_beside_its_own(venv, tmp_path)
     (tmp_path / "my_conf" / "model").mkdir(parents=True)
     (tmp_path / "my_conf" / "model" / "wide.yaml").write_text("defaults:\n  - mlp\n  - _self_\n\nname: wide\n")
     proc = run([str(venv / "bin" / "vaelab-train"), "--config-dir", "my_conf", "model=wide", "--cfg", "job"], cwd=tmp_path)
-    assert "name: wide" in proc.stdout and "vaelab.networks.DenseEncoder" in proc.stdout and "hidden:" in proc.stdout
+    assert "name: wide" in proc.stdout and "vaelab.model.networks.DenseEncoder" in proc.stdout and "hidden:" in proc.stdout
     bad = run([str(venv / "bin" / "vaelab-train"), "--config-dir", "my_conf", "model=tall"], cwd=tmp_path, check=False)
     assert "wide" in one_line(bad, "vaelab-train: error: model=tall is not a choice of model: choose one of ")

@@ -37,7 +37,7 @@ from conftest import (
 )
 from vaelab.errors import UserError
 from vaelab.files import atomic_write
-from vaelab.rundir import ResumePoint, claim, first_step_logged_after, lock, record_resume, resumed
+from vaelab.runs.rundir import ResumePoint, claim, first_step_logged_after, lock, record_resume, resumed
 
 BATCHES = 100  # per epoch; 2 epochs
 RUN = [
@@ -194,8 +194,8 @@ class CtrlC:  # Ctrl-C pressed just as `module` is first looked for
             os.kill(os.getpid(), signal.SIGINT)
 
 sys.meta_path.insert(0, CtrlC())
-import vaelab.cli
-getattr(vaelab.cli, {"vaelab-train": "train", "vaelab-eval": "evaluate"}[tool])()
+import vaelab.commands.cli
+getattr(vaelab.commands.cli, {"vaelab-train": "train", "vaelab-eval": "evaluate"}[tool])()
 """
 
 

@@ -1,4 +1,4 @@
-"""Each command's settings, in-process: the range rules of vaelab.schema and the structured configs' types
+"""Each command's settings, in-process: the range rules of vaelab.runs.settings and the structured configs' types
 (the same cases from the shell: test_battery)."""
 
 import pytest
@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from vaelab import CONF_DIR
 from vaelab.errors import UserError, hydra_message
-from vaelab.schema import check
+from vaelab.runs.settings import check
 
 # (override, the line's start): every headline rule on both sides, and the nested forms named as typed.
 BAD = [
@@ -154,7 +154,7 @@ def test_a_missing_ckpt_path_is_required():
     ],
 )
 def test_types_are_checked_by_the_structured_config(override, message, monkeypatch):
-    """Hydra refuses these while composing (vaelab.schema.Train); the error becomes the same kind of line."""
+    """Hydra refuses these while composing (vaelab.runs.settings.Train); the error becomes the same kind of line."""
     monkeypatch.setattr("sys.argv", ["vaelab-train", override])
     with pytest.raises(Exception) as err:
         compose_command("train", [override])

@@ -166,7 +166,7 @@ def test_the_summary_gives_bits_per_dim_and_names_each_jobs_likelihood_and_binar
     and the likelihood and binarization of each job, a Bernoulli on grey levels labelled as not a density."""
     import json
 
-    from vaelab.sweep import write_summary
+    from vaelab.runs.sweep import write_summary
 
     jobs = [
         ("bernoulli", "none", {"val/recon": 240.0, "val/kl": 20.0, "test/nll_iwae": 255.0}),
@@ -223,7 +223,7 @@ def test_the_summary_gives_bits_per_dim_and_names_each_jobs_likelihood_and_binar
 
 
 def test_objective_is_the_negative_elbo_and_never_nan():
-    from vaelab.sweep import NonFiniteObjective, objective
+    from vaelab.runs.sweep import NonFiniteObjective, objective
 
     assert objective({"val/loss": 103.0, "val/recon": 100.0, "val/kl": 6.0}) == 106.0  # beta = 0.5: not val/loss
     assert objective({"test/loss": 1.0}) is None  # no validation: Optuna records a failed trial

@@ -93,7 +93,7 @@ def opened_with(experiment) -> list[str]:
 
 
 def test_checkpoint_rebuilds_the_model_weights_only(trained_run):
-    from vaelab.module import VAE
+    from vaelab.model.vae import VAE
 
     vae = VAE.load_from_checkpoint(trained_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert vae.hparams.latent_dim == 16
@@ -124,7 +124,7 @@ def test_notebook_preset_trains_with_its_loss(tmp_path):
 
 def test_cfg_job_prints_composed_config():
     out = run_cli("--cfg", "job", "latent_dim=16").stdout
-    assert "latent_dim: 16" in out and "_target_: vaelab.module.VAE" in out and "max_epochs: ${epochs}" in out
+    assert "latent_dim: 16" in out and "_target_: vaelab.model.vae.VAE" in out and "max_epochs: ${epochs}" in out
 
 
 def test_python_module_form_and_help_lists_groups():
@@ -134,7 +134,7 @@ def test_python_module_form_and_help_lists_groups():
     from conftest import REPO
 
     out = subprocess.run(
-        [sys.executable, "-m", "vaelab.train", "--help"], capture_output=True, text=True, cwd=REPO, check=True
+        [sys.executable, "-m", "vaelab.commands.train", "--help"], capture_output=True, text=True, cwd=REPO, check=True
     ).stdout
     for group in ["data:", "model:", "trainer:", "logger:", "callbacks:", "experiment:"]:
         assert group in out

@@ -1,7 +1,7 @@
 """vaelab: config-driven variational autoencoders (PyTorch Lightning, Hydra, TensorBoard).
 
-Importing the package imports nothing heavy (the console scripts start in vaelab.cli, and a Ctrl-C that early
-must already end in one line); `import vaelab.schema` registers the config schemas and resolvers a
+Importing the package imports nothing heavy (the console scripts start in vaelab.commands.cli, and a Ctrl-C that early
+must already end in one line); `import vaelab.runs.settings` registers the config schemas and resolvers a
 composition needs.
 """
 

@@ -104,7 +104,6 @@ def build(node, key: str, **kwargs):
     config key (a UserError raised inside passes through as it is)."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
 
     try:
         return instantiate(node, **kwargs)
@@ -116,7 +115,9 @@ def build(node, key: str, **kwargs):
             cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, (ValueError, TypeError, MisconfigurationException, InstantiationException)):
+        # Lightning's MisconfigurationException is known by name: vaelab-eval and -generate never import Lightning.
+        misconfigured = any(kind.__name__ == "MisconfigurationException" for kind in type(cause).__mro__)
+        if misconfigured or isinstance(cause, (ValueError, TypeError, InstantiationException)):
             raise UserError(
                 f"{key} ({node.get('_target_')}) refuses its settings: {type(cause).__name__}: "
                 f"{one_line(cause)[:300]}; fix the {key}.* settings"
@@ -146,7 +147,7 @@ def hydra_message(err: Exception) -> str | None:
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override {err.override!r}: {one_line(err.message)}"
     if isinstance(cause, ValidationError) and cause.full_key:  # a structured config's type check
-        from vaelab.schema import type_message
+        from vaelab.runs.settings import type_message
 
         return type_message(cause.full_key, cause)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
@@ -264,7 +265,7 @@ def exit_cleanly(prog: str) -> Iterator[None]:
 def stopped_by_signals(unfinished: str) -> Iterator[None]:
     """Ctrl-C or SIGTERM while a command without a trainer works (vaelab-eval, vaelab-generate) becomes
     Interrupted, saying what was left unwritten (SIGTERM ended such a command without a word). Training has
-    Lightning's handling (vaelab.guards.interruptions); a handler someone else installed (a sweep's) is kept."""
+    Lightning's handling (vaelab.runs.guards.interruptions); a handler someone else installed (a sweep's) is kept."""
     import signal
 
     def stop(signum, frame) -> None:

@@ -1,13 +1,12 @@
 """Checkpoint files: written atomically, read as untrusted input.
 
-- `AtomicCheckpointIO` writes each checkpoint to a temporary file beside its target, fsyncs and renames it.
 - `read_checkpoint` reads a file once: its zip CRCs are tested (torch.load alone reads a flipped byte without
   complaint), then it is unpickled weights-only, which refuses any Python object but plain data and tensors.
   What is read from it is then checked like a setting (`check_contents`): weights are finite tensors, the model's
   hyperparameters pass the same RULES as vaelab-train's model.* settings, the training state has its types.
 - What a checkpoint asks to build is decided by what each `_target_` *is*: it is resolved without calling
-  anything, and only `torch.nn.Module` classes defined in vaelab.networks or torch.nn (or named by the user in
-  `allow_networks`) pass, with plain-data arguments. Spelling tricks (`vaelab.networks.torch.serialization.os.system`)
+  anything, and only `torch.nn.Module` classes defined in vaelab.model.networks or torch.nn (or named by the user in
+  `allow_networks`) pass, with plain-data arguments. Spelling tricks (`vaelab.model.networks.torch.serialization.os.system`)
   fail because a module is imported only when its full name is allowed, and an attribute is looked up in that
   module alone. The optimizer a checkpoint names is never built for evaluation.
 """
@@ -18,37 +17,63 @@ import importlib
 import io
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from pytorch_lightning.plugins import TorchCheckpointIO
+from hydra.utils import instantiate
 
 from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
-from vaelab.files import atomic_write
-from vaelab.schema import CHECKPOINT_HINT, RULES
+from vaelab.model.vae import VAE
+from vaelab.runs.settings import CHECKPOINT_HINT, RULES
 
-NETWORK_MODULES = ("vaelab.networks", "torch.nn")
+NETWORK_MODULES = ("vaelab.model.networks", "torch.nn")
 PLAIN = (str, int, float, bool, type(None))
 SPECIAL_KEYS = {"_target_", "_args_", "_recursive_", "_convert_"}
 HINT = CHECKPOINT_HINT
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, but a kill, a full disk or a crash at any moment leaves the previous checkpoint
-    whole. (Lightning's own save goes through fsspec, whose temporary file is in the system's temp folder: moving
-    it onto another file system is a copy over the target, not a rename, and it is never fsynced.)"""
+# What vaelab's classes were called before the redesign (4c48284 and earlier): checkpoints and saved run configs
+# name them so. Read wherever a name is read from disk (read_checkpoint, the resumed run config), never guessed.
+RENAMED_MODULES = {
+    "vaelab.networks": "vaelab.model.networks",
+    "vaelab.image_folder": "vaelab.data.image_folder",
+}
+RENAMED = {
+    "vaelab.module.VAE": "vaelab.training.module.VAEModule",
+    "vaelab.data.MNISTLike": "vaelab.data.mnist.MNISTLike",
+    "vaelab.data.TorchvisionData": "vaelab.data.torchvision_data.TorchvisionData",
+    "vaelab.checkpoints.AtomicCheckpointIO": "vaelab.runs.checkpoint_io.AtomicCheckpointIO",
+    **{
+        f"vaelab.callbacks.{name}": f"vaelab.pictures.grids.{name}"
+        for name in ("Reconstructions", "NoisyReconstructions", "Interpolation", "Samples")
+    },
+    **{f"vaelab.callbacks.{name}": f"vaelab.pictures.latent_maps.{name}" for name in ("LatentMap", "Traversals")},
+    "vaelab.callbacks.NotebookPictures": "vaelab.pictures.notebook.NotebookPictures",
+    "vaelab.rundir.RunDirectory": "vaelab.runs.rundir.RunDirectory",
+    "vaelab.sweep.SweepSummary": "vaelab.runs.sweep.SweepSummary",
+}
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own transaction
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # Serialised in memory first: torch.save into a file turns a failed write (disk full) into an obscure
-        # RuntimeError, a plain write gives the OSError that names the problem.
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        atomic_write(Path(path), buffer.getbuffer())
+
+def current_name(target: str) -> str:
+    """The name today of a class an older vaelab wrote as `target` (itself when it was not renamed)."""
+    module, _, name = target.rpartition(".")
+    return RENAMED.get(target) or (f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target)
+
+
+def renamed(node: Any) -> Any:
+    """`node` (plain data or an OmegaConf container, changed in place) with every old `_target_` given its name today."""
+    if isinstance(node, Sequence) and not isinstance(node, str):
+        for value in node:
+            renamed(value)
+    elif isinstance(node, Mapping):
+        target = node.get("_target_")
+        if isinstance(target, str) and current_name(target) != target:
+            node["_target_"] = current_name(target)
+        for value in node.values():
+            renamed(value)
+    return node
 
 
 def read_checkpoint(path: str | Path, key: str) -> dict:
@@ -85,6 +110,7 @@ def read_checkpoint(path: str | Path, key: str) -> dict:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{key}: {path} is not a vaelab checkpoint (it has no state_dict); {HINT}{instead}")
     check_contents(checkpoint, f"{key}: {path}", instead)
+    renamed(checkpoint.get("hyper_parameters"))
     return checkpoint
 
 
@@ -232,10 +258,14 @@ def check_fits(model: torch.nn.Module, state_dict: Mapping[str, Any], key: str) 
         )
 
 
+def vae_weights(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The plain VAE's weights in a training checkpoint: under `vae.` (vaelab.training.module.VAEModule.vae), or at the
+    top level in a checkpoint of a vaelab before the redesign. Evaluation metrics' states are not weights."""
+    return {k.removeprefix("vae."): v for k, v in state_dict.items() if not k.startswith("eval_means.")}
+
+
 def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_networks: tuple[str, ...] = ()):
     """The VAE saved at `path`, rebuilt from its own hyperparameters (networks checked first), in eval mode."""
-    from vaelab.module import VAE
-
     key = f"ckpt_path={path}"
     if path in (None, ""):
         raise UserError(f"no checkpoint given; {HINT}")
@@ -251,9 +281,10 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_network
     hparams = {k: v for k, v in hparams.items() if k != "optimizer"}  # not needed to evaluate: never built here
     check_buildable(hparams, tuple(allow_networks))
     try:
-        vae = VAE(**hparams)
-        check_fits(vae, checkpoint["state_dict"], f"checkpoint {path}")
-        vae.load_state_dict(checkpoint["state_dict"])
+        vae = VAE.from_settings(hparams, instantiate)  # every _target_ in it was checked above
+        weights = vae_weights(checkpoint["state_dict"])
+        check_fits(vae, weights, f"checkpoint {path}")
+        vae.load_state_dict(weights)
     except UserError:
         raise
     except Exception as err:  # hyperparameters the networks do not take

@@ -23,8 +23,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from vaelab import hardware  # noqa: F401  registers the resolvers the configs use
 from vaelab.errors import UserError, show
+from vaelab.runs import hardware  # noqa: F401  registers the resolvers the configs use
 
 
 @dataclass
@@ -205,7 +205,7 @@ DATA_RULES: dict[str, tuple[str | None, Rule]] = {
     "data.seed": ("seed", like(INTEGER, "42")),
     "data.download": (None, BOOL),
     "data.binarize": (None, one_of("none", "dynamic", "static")),
-    # data=image_folder (vaelab.image_folder.ImageFolder); before data.image_shape, which follows channels and image_size
+    # data=image_folder (vaelab.data.image_folder.ImageFolder); before data.image_shape, which follows channels and image_size
     "data.path": (None, like(STRING, "path/to/images")),
     "data.channels": (None, Rule(lambda v: _int(v) and v in (1, 3), "1 (grey) or 3 (RGB)", "3")),
     "data.image_size": (None, like(OPTIONAL_POSITIVE_INT, "32")),
@@ -326,19 +326,22 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
 
 # The settings of vaelab's own callbacks (conf/callbacks/<name>.yaml), checked wherever the callback is configured.
 CALLBACK_RULES: dict[str, dict[str, Rule]] = {
-    "vaelab.callbacks.Reconstructions": {"num_images": like(POSITIVE_INT, "16")},
-    "vaelab.callbacks.NoisyReconstructions": {"num_images": like(POSITIVE_INT, "16"), "noise_factor": at_least(0, "0.1")},
-    "vaelab.callbacks.Interpolation": {
+    "vaelab.pictures.grids.Reconstructions": {"num_images": like(POSITIVE_INT, "16")},
+    "vaelab.pictures.grids.NoisyReconstructions": {
+        "num_images": like(POSITIVE_INT, "16"),
+        "noise_factor": at_least(0, "0.1"),
+    },
+    "vaelab.pictures.grids.Interpolation": {
         "num_pairs": like(POSITIVE_INT, "8"),
         "steps": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (the two ends)", "10"),
         "method": one_of("linear", "spherical"),
     },
-    "vaelab.callbacks.Samples": {
+    "vaelab.pictures.grids.Samples": {
         "num_samples": like(POSITIVE_INT, "64"),
         "ncols": like(POSITIVE_INT, "8"),
         "temperature": at_least(0, "1.0", strict=True),
     },
-    "vaelab.callbacks.LatentMap": {
+    "vaelab.pictures.latent_maps.LatentMap": {
         "grid_size": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2", "20"),
         "quantile_range": Rule(
             lambda v: isinstance(v, (list, ListConfig)) and len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] < v[1] < 1,
@@ -347,13 +350,13 @@ CALLBACK_RULES: dict[str, dict[str, Rule]] = {
         ),
         "num_points": like(POSITIVE_INT, "2000"),
     },
-    "vaelab.callbacks.Traversals": {
+    "vaelab.pictures.latent_maps.Traversals": {
         "num_units": like(POSITIVE_INT, "8"),
         "range_std": at_least(0, "3.0", strict=True),
         "steps": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2 (both ends of the range)", "11"),
         "kl_images": like(POSITIVE_INT, "1000"),
     },
-    "vaelab.callbacks.NotebookPictures": {
+    "vaelab.pictures.notebook.NotebookPictures": {
         "grid_size": Rule(lambda v: _int(v) and v >= 2, "an integer >= 2", "10"),
         "num_images": like(POSITIVE_INT, "4"),
     },
@@ -463,7 +466,7 @@ CHECKPOINT_HINT = "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epoch
 
 
 def check_checkpoint_file(value: str) -> None:
-    """The checkpoint ckpt_path names is a file (what it holds is checked when it is read: vaelab.checkpoints)."""
+    """The checkpoint ckpt_path names is a file (what it holds is checked when it is read: vaelab.runs.checkpoints)."""
     path = Path(value)
     if path.is_dir():
         inside = path / "checkpoints" / "last.ckpt"

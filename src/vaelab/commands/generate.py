@@ -6,7 +6,7 @@ decoded points of the straight line between the two images' posterior means.
 
 A conditional VAE's checkpoint (model.conditional=true): `label=Sandal` (a class name, in any case, or its index)
 makes every sample of that class; without it, sample i is of class i mod the number of classes. Interpolations
-encode each test image with its own label (vaelab.callbacks.interpolation_rows).
+encode each test image with its own label (vaelab.model.latent.interpolation_rows).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vaelab import rundir, schema
-from vaelab.checkpoints import load_vae
-from vaelab.data import seeded_order
+from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError, recorded, stopped_by_signals
-from vaelab.hardware import resolve_device
-from vaelab.sweep import job_reporting
+from vaelab.runs import rundir, settings
+from vaelab.runs.checkpoints import load_vae
+from vaelab.runs.hardware import resolve_device
+from vaelab.runs.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,13 @@ def class_index(label, class_names: list[str] | None, ckpt_path: str) -> int:
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Write samples.png (and interpolation.png); returns the written paths by name."""
-    # imported here: torchvision (which vaelab.callbacks needs too) takes seconds to import
+    # imported here: torchvision (which the pictures need too) takes seconds to import
     from torchvision.utils import save_image
 
-    from vaelab.callbacks import interpolation_rows
-    from vaelab.evaluate import test_set
+    from vaelab.evaluation.test_data import test_set
+    from vaelab.model.latent import interpolation_rows
 
-    schema.check(cfg, "generate")
+    settings.check(cfg, "generate")
     output_dir = Path(cfg.paths.output_dir)
     rundir.lock(output_dir)
     device = resolve_device(cfg.device)
@@ -99,6 +99,6 @@ def hydra_task(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vaelab.cli import generate as _main
+    from vaelab.commands.cli import generate as _main
 
     _main()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vaelab.data import TensorData, seeded_order
+from vaelab.data.tensors import TensorData, seeded_order
 from vaelab.errors import UserError, one_line, show
 from vaelab.files import atomic_write
 
@@ -174,7 +174,7 @@ class ImageFolder(TensorData):
         dataset: str = "ImageFolder",
     ):
         super().__init__(batch_size, eval_batch_size, seed, binarize, tuple(image_shape), split_seed)
-        # Each setting alone is checked by vaelab.schema's RULES before the run starts; here what they must be together.
+        # Each setting alone is checked by vaelab.runs.settings's RULES before the run starts; here what they must be together.
         if val_fraction + test_fraction >= 1:
             raise UserError(
                 f"data.val_fraction={show(val_fraction)} and data.test_fraction={show(test_fraction)} leave no training "

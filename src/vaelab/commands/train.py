@@ -1,6 +1,6 @@
 """`vaelab-train`: check everything, build every part with hydra.utils.instantiate, fit, test, report.
 
-The console script (vaelab.cli) has already claimed and locked the run directory (vaelab.rundir.RunDirectory).
+The console script (vaelab.commands.cli) has already claimed and locked the run directory (vaelab.runs.rundir.RunDirectory).
 `resume_from=<run dir>` is one plain branch of `prepare`: that run's saved config, its own newest checkpoint.
 """
 
@@ -19,12 +19,12 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab import rundir, schema
 from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, raise_if_interrupted, recorded
 from vaelab.files import atomic_write
-from vaelab.likelihoods import describe
-from vaelab.rundir import ResumePoint
-from vaelab.sweep import job_reporting, objective, parallel_threads
+from vaelab.model.likelihoods import describe
+from vaelab.runs import rundir, settings
+from vaelab.runs.rundir import ResumePoint
+from vaelab.runs.sweep import job_reporting, objective, parallel_threads
 
 log = logging.getLogger(__name__)
 BPD_KEYS = ("val/nelbo", "test/nelbo", "val/nll_iwae", "test/nll_iwae")  # also reported in bits per dimension
@@ -48,7 +48,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         "data": str(cfg.data.dataset),
         "likelihood": str(cfg.model.get("likelihood", "bernoulli")),
         "binarize": str(cfg.data.get("binarize", "none")),
-        # what the figures are (vaelab.likelihoods.describe): e.g. "Bernoulli on grey levels, not a density"
+        # what the figures are (vaelab.model.likelihoods.describe): e.g. "Bernoulli on grey levels, not a density"
         "figures": describe(str(cfg.model.get("likelihood", "bernoulli")), str(cfg.data.get("binarize", "none"))),
         "kl_warmup_epochs": int(cfg.model.get("kl_warmup_epochs", 0)),
         "free_bits": float(cfg.model.get("free_bits", 0.0)),
@@ -140,7 +140,7 @@ class Start:
 
 
 def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dict, ResumePoint]:
-    from vaelab.checkpoints import check_buildable, read_checkpoint
+    from vaelab.runs.checkpoints import check_buildable, read_checkpoint
 
     checkpoint = read_checkpoint(path, key)
     if not TRAINING_STATE <= set(checkpoint):
@@ -149,7 +149,7 @@ def read_training_checkpoint(path: Path, key: str, cfg: DictConfig) -> tuple[dic
         )
     # The same rule as vaelab-eval's: only network classes, with plain data (the config's own are trusted).
     check_buildable({k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items() if k != "optimizer"}, own_networks(cfg))
-    fit_loop = checkpoint["loops"].get("fit_loop")  # the types of what is read here: vaelab.checkpoints.check_contents
+    fit_loop = checkpoint["loops"].get("fit_loop")  # the types of what is read here: vaelab.runs.checkpoints.check_contents
     epoch_loop = fit_loop.get("epoch_loop.state_dict") if isinstance(fit_loop, dict) else None
     step = epoch_loop.get("_batches_that_stepped") if isinstance(epoch_loop, dict) else None
     step = step if isinstance(step, int) else checkpoint["global_step"]
@@ -185,7 +185,7 @@ def own_networks(cfg: DictConfig) -> tuple[str, ...]:
 def check_networks(cfg: DictConfig) -> None:
     """The encoder and decoder the config names are importable network classes (a user's own config can name
     anything): one line for a missing module or class, or a class that is not a torch.nn.Module."""
-    from vaelab.checkpoints import network_class
+    from vaelab.runs.checkpoints import network_class
 
     for key in ("model.encoder._target_", "model.decoder._target_"):
         target = OmegaConf.select(cfg, key)
@@ -202,13 +202,13 @@ def fit_is_done(cfg: DictConfig, point: ResumePoint | None) -> bool:
 
 def prepare(cfg: DictConfig) -> Start:
     """Every check before work starts: the settings and the checkpoint to start from. Nothing is written here."""
-    schema.check(cfg, "train")
+    settings.check(cfg, "train")
     check_networks(cfg)
     run_dir = Path(cfg.paths.output_dir)
     rundir.lock(run_dir)
     if cfg.get("ckpt_path") in (None, ""):
         return Start(cfg, run_dir)
-    schema.check_checkpoint_file(str(cfg.ckpt_path))
+    settings.check_checkpoint_file(str(cfg.ckpt_path))
     path = Path(str(cfg.ckpt_path))
     checkpoint, point = read_training_checkpoint(path, f"ckpt_path={cfg.ckpt_path}", cfg)
     return Start(cfg, run_dir, checkpoint, point)
@@ -221,7 +221,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     rundir.lock(run_dir)
     rundir.open_session(run_dir)
     cfg = rundir.resumed(run_dir, overrides)
-    schema.check(cfg, "train")
+    settings.check(cfg, "train")
     check_networks(cfg)
     overrides = tuple(overrides)
     newest = rundir.newest_checkpoint(run_dir, cfg)
@@ -298,7 +298,7 @@ def setting_for(cfg: DictConfig, run_dir: Path, filename: str | None) -> str | N
     found = []
     for group in ("logger", "callbacks"):
         for name, node in (cfg.get(group) or {}).items():
-            for key in schema.PATH_KEYS if isinstance(node, DictConfig) else ():
+            for key in settings.PATH_KEYS if isinstance(node, DictConfig) else ():
                 folder, failed = str(node.get(key) or "").rstrip("/") + "/", str(filename).rstrip("/") + "/"
                 if folder != "/" and (failed.startswith(folder) or folder.startswith(failed)):  # in it, or a parent
                     found.append((len(folder), f"{group}.{name}.{key}"))
@@ -312,7 +312,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def resume(value: str, overrides: list[str]) -> dict[str, float]:
-    """`vaelab-train resume_from=<run dir> [settings]` (vaelab.cli): continue that run in place."""
+    """`vaelab-train resume_from=<run dir> [settings]` (vaelab.commands.cli): continue that run in place."""
     return run(prepare_resume(value, overrides))
 
 
@@ -321,9 +321,10 @@ def run(start: Start) -> dict[str, float]:
     import pytorch_lightning as pl
     import torch
 
-    from vaelab.checkpoints import check_fits, check_optimizer_state
-    from vaelab.guards import for_run, interruptions
-    from vaelab.hardware import check_accelerator
+    from vaelab.runs.checkpoints import check_fits, check_optimizer_state, vae_weights
+    from vaelab.runs.guards import for_run, interruptions
+    from vaelab.runs.hardware import check_accelerator
+    from vaelab.training.data import LightningData
 
     check_accelerator(str(cfg.trainer.accelerator), "trainer.accelerator", "use trainer=cpu")
     threads = cfg.threads or parallel_threads()  # in a joblib sweep, null shares the cores out among the jobs
@@ -331,10 +332,11 @@ def run(start: Start) -> dict[str, float]:
         torch.set_num_threads(int(threads))
     pl.seed_everything(cfg.seed, workers=True)
 
-    datamodule: pl.LightningDataModule = build(cfg.data, "data")
-    model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, datamodule))
+    data = build(cfg.data, "data")
+    datamodule = LightningData(data)
+    model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, data))
     if start.checkpoint is not None:
-        check_fits(model, start.checkpoint["state_dict"], f"the checkpoint {point.path}")
+        check_fits(model.vae, vae_weights(start.checkpoint["state_dict"]), f"the checkpoint {point.path}")
         check_optimizer_state(model, start.checkpoint, f"the checkpoint {point.path}")
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
@@ -358,7 +360,7 @@ def run(start: Start) -> dict[str, float]:
                 trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
 
-        metrics.update({f"{key}_bpd": model.bits_per_dim(metrics[key]) for key in BPD_KEYS if key in metrics})
+        metrics.update({f"{key}_bpd": model.vae.bits_per_dim(metrics[key]) for key in BPD_KEYS if key in metrics})
         metrics = dict(sorted(metrics.items()))
         if trainer.is_global_zero:
             for logger in trainer.loggers:
@@ -401,6 +403,6 @@ def hydra_task(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    from vaelab.cli import train as _main
+    from vaelab.commands.cli import train as _main
 
     _main()

@@ -6,8 +6,8 @@
   computed with logsumexp; it is never above the negative ELBO in expectation and tightens as K grows;
 - active units: latent dimensions u with Var_x(E_q[z_u|x]) > threshold (Burda et al.);
 - the reconstruction error of noisy inputs against the clean images, for each noise level;
-- a linear probe of the posterior means and Fréchet distances of samples and reconstructions (vaelab.measures), in
-  the feature space of a small classifier trained once per dataset and cached (vaelab.classifier).
+- a linear probe of the posterior means and Fréchet distances of samples and reconstructions (vaelab.evaluation.measures), in
+  the feature space of a small classifier trained once per dataset and cached (vaelab.evaluation.classifier).
 
 q(z|x) is N(mu, exp(logvar)) from the encoder. A checkpoint trained with the notebook's objective samples
 z = mu + exp(logvar) * eps * 0.1 instead; its likelihood is evaluated for the proper posterior N(mu, exp(logvar)),
@@ -23,119 +23,28 @@ from __future__ import annotations
 import json
 import logging
 import time
-from itertools import repeat
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-from vaelab import measures, rundir, schema
-from vaelab.checkpoints import load_vae
-from vaelab.classifier import load_or_train_classifier, training_data
-from vaelab.errors import UserError, build, recorded, stopped_by_signals
+from vaelab.errors import build, recorded, stopped_by_signals
+from vaelab.evaluation import measures
+from vaelab.evaluation.bounds import active_units, likelihood, noisy_input_errors, plot_noise_errors
+from vaelab.evaluation.classifier import load_or_train_classifier, training_data
+from vaelab.evaluation.test_data import test_set
 from vaelab.files import atomic_write
-from vaelab.hardware import resolve_device
-from vaelab.likelihoods import describe
-from vaelab.module import VAE, add_noise, bounds
-from vaelab.sweep import job_reporting
+from vaelab.model.likelihoods import describe
+from vaelab.model.vae import VAE
+from vaelab.runs import rundir, settings
+from vaelab.runs.checkpoints import load_vae
+from vaelab.runs.hardware import resolve_device
+from vaelab.runs.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 CONDITIONED = (
     "conditional VAE: every figure is conditioned on the true test labels (-log p(x|y), the encoder and decoder given y)"
 )
-
-
-@torch.no_grad()
-def likelihood(
-    vae: VAE,
-    images: torch.Tensor,
-    num_samples: int,
-    pairs_per_pass: int = 20000,
-    generator: torch.Generator | None = None,
-    labels: torch.Tensor | None = None,
-) -> dict[str, torch.Tensor]:
-    """Per-image negative ELBO parts, IWAE estimate of -log p(x) (nats) and posterior means, for every image.
-
-    The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
-    the KL term is exact. Images go through in chunks so that at most `pairs_per_pass` (image, sample)
-    pairs are decoded at once; with K above that, the samples of one image are split too. A density
-    likelihood sees the images dequantised with `generator`'s noise (vaelab.module.VAE.target). labels: the images'
-    classes, for a conditional VAE (the figures are then conditioned on them).
-    """
-    # The results are written into tensors allocated once: small tensors kept from every chunk would pin the freed
-    # decoder outputs in glibc's heap (measured: 7.5 MB more resident memory per image at K = 5000, killed by the
-    # OOM killer at 15.8 GB on the 10,000 test images; flat with this).
-    n, latent_dim = images.shape[0], int(vae.hparams.latent_dim)
-    result = {key: torch.empty(n, dtype=torch.float64, device=images.device) for key in ("recon", "kl", "nll_iwae")}
-    result["mu"] = torch.empty(n, latent_dim, device=images.device)
-    start = 0
-    chunk = max(1, pairs_per_pass // num_samples)
-    for x, y in zip(images.split(chunk), repeat(None) if labels is None else labels.split(chunk)):
-        target = vae.target(x, generator)
-        mu, logvar = vae.encode(target, y)
-        stop = start + x.shape[0]
-        for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator, labels=y).items():
-            result[key][start:stop] = value
-        result["mu"][start:stop] = mu
-        start = stop
-    result["neg_elbo"] = result["recon"] + result["kl"]
-    return result
-
-
-def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
-    """Latent units whose posterior mean varies across images: Var_x(E_q[z_u|x]) > threshold."""
-    return int((mu.double().var(dim=0, unbiased=False) > threshold).sum())
-
-
-@torch.no_grad()
-def noisy_input_errors(
-    vae: VAE,
-    images: torch.Tensor,
-    noise_levels,
-    batch_size: int = 1000,
-    generator: torch.Generator | None = None,
-    labels: torch.Tensor | None = None,
-) -> list[dict[str, float]]:
-    """For each noise std: decode the posterior mean of the noisy input, compare with the clean image.
-
-    recon_nats: the model's negative log-likelihood of the clean image, nats/image; mse: per pixel, of the
-    decoded means. Every level sees the same images; the noise comes from `generator`. labels: as likelihood's.
-    """
-    rows = []
-    for level in noise_levels:
-        nats, squared, count = 0.0, 0.0, 0
-        for x, y in zip(images.split(batch_size), repeat(None) if labels is None else labels.split(batch_size)):
-            target = vae.target(x, generator)
-            noisy = add_noise(target, float(level), generator)
-            out = vae.decode(vae.encode(noisy, y)[0], y)
-            nats += vae.likelihood.nll(out, target).double().sum().item()
-            squared += (vae.likelihood.mean(out) - x).double().pow(2).sum().item()
-            count += x.shape[0]
-        rows.append({"noise_level": float(level), "recon_nats": nats / count, "mse": squared / (count * x[0].numel())})
-    return rows
-
-
-def plot_noise_errors(rows: list[dict[str, float]], path: Path, title: str) -> None:
-    """Error against noise level, nats/image and MSE/pixel side by side, as a PNG of 1000 x 400 pixels."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-
-    levels = [r["noise_level"] for r in rows]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for ax, key, label in [
-        (axes[0], "recon_nats", "-log p(clean | decode(mu(noisy))), nats/image"),
-        (axes[1], "mse", "MSE per pixel, decoded mean vs clean"),
-    ]:
-        ax.plot(levels, [r[key] for r in rows], marker="o")
-        ax.set_xlabel("input noise std")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)  # no bbox_inches="tight": the size stays figsize * dpi
-    plt.close(fig)
 
 
 def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None = None) -> dict:
@@ -150,10 +59,10 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     started = time.perf_counter()
     per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator, labels)
     noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator, labels)
-    hp = vae.hparams
+    hp = vae.settings
     binarize = str(cfg.data.get("binarize") or "none")
     notes = [
-        describe(hp.likelihood, binarize),
+        describe(hp["likelihood"], binarize),
         "beta = 1 here (the true ELBO), whatever beta the model was trained with",
         "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
         "compared with the clean image",
@@ -166,7 +75,7 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
     if conditioned:
         notes.append(CONDITIONED)
-    if hp.objective == "notebook":
+    if hp["objective"] == "notebook":
         notes.append(
             "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
             "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)"
@@ -177,20 +86,20 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         "split": "test",
         "num_images": int(images.shape[0]),
         "model": {
-            "name": hp.name,
-            "latent_dim": int(hp.latent_dim),
-            "objective": hp.objective,
-            "denoise": bool(hp.denoise),
-            "noise_factor": float(hp.noise_factor),
-            "beta": float(hp.beta),
+            "name": hp["name"],
+            "latent_dim": int(hp["latent_dim"]),
+            "objective": hp["objective"],
+            "denoise": bool(hp["denoise"]),
+            "noise_factor": float(hp["noise_factor"]),
+            "beta": float(hp["beta"]),
             "conditional": conditioned,
         },
         "conditioned_on": "the true test labels" if conditioned else None,
-        "likelihood": str(hp.likelihood),
+        "likelihood": str(hp["likelihood"]),
         "binarize": binarize,
         "trained_binarize": trained_on,
         "data_preparation": preparation,
-        "figures": describe(hp.likelihood, binarize),
+        "figures": describe(hp["likelihood"], binarize),
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
         "neg_elbo": per_image["neg_elbo"].mean().item(),
@@ -209,7 +118,7 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
 
 
 def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.device) -> dict:
-    """linear_probe_accuracy and frechet_distance with what they need to be read (vaelab.measures), on the first
+    """linear_probe_accuracy and frechet_distance with what they need to be read (vaelab.evaluation.measures), on the first
     `num_images` test images; null, with a note saying why, where they are off or the data has no classes."""
     result: dict = {"linear_probe_accuracy": None, "frechet_distance": None, "notes": []}
     for key in ("linear_probe", "frechet"):
@@ -333,42 +242,9 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-def test_images(cfg: DictConfig, vae: VAE) -> torch.Tensor:
-    """The test images of cfg.data, prepared as the checkpoint's model was trained (data.binarize=null, the
-    default) unless asked otherwise; refused in one line when the model takes another shape."""
-    return test_set(cfg, vae)[0]
-
-
-def test_set(cfg: DictConfig, vae: VAE) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of cfg.data's test split, the images as `test_images` prepares them."""
-    if cfg.data.get("binarize", "none") is None:
-        with open_dict(cfg):
-            cfg.data.binarize = str(vae.hparams.get("binarize", "none"))
-        log.info("data.binarize=%s, as the checkpoint's model was trained", cfg.data.binarize)
-    datamodule = build(cfg.data, "data")
-    datamodule.setup("test")
-    images, labels = datamodule.test_set
-    model_shape = tuple(vae.hparams.encoder.get("image_shape") or images.shape[1:])
-    if model_shape != tuple(images.shape[1:]):
-        c, h, w = model_shape
-        size = f"data.image_size={h}" if h == w else f"data.image_size=null data.image_shape=[{c},{h},{w}]"
-        raise UserError(
-            f"the checkpoint's model takes {model_shape} images but data={cfg.data.dataset} has "
-            f"{tuple(images.shape[1:])}; pass the data it was trained on, e.g. "
-            + ("data=mnist" if model_shape == (1, 28, 28) else f"data=image_folder data.path=<dir> data.channels={c} {size}")
-        )
-    classes = int(getattr(vae, "num_classes", 0))
-    if classes and len(labels) and int(labels.max()) >= classes:
-        raise UserError(
-            f"the checkpoint's conditional model knows {classes} classes but data={cfg.data.dataset} has labels up to "
-            f"{int(labels.max())}: pass the data it was trained on"
-        )
-    return images, labels
-
-
 def run(cfg: DictConfig) -> dict:
     """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
-    schema.check(cfg, "eval")
+    settings.check(cfg, "eval")
     output_dir = Path(cfg.paths.output_dir)
     rundir.lock(output_dir)
     device = resolve_device(cfg.device)
@@ -398,6 +274,6 @@ def hydra_task(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from vaelab.cli import evaluate as _main
+    from vaelab.commands.cli import evaluate as _main
 
     _main()

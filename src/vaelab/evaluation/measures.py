@@ -6,7 +6,7 @@
   pixels, so the figure can be read: a code that keeps the class information linearly is near or above the pixels.
 - Fréchet distance (FID, Heusel et al. 2017) between two sets of images: each set's features as a Gaussian (mean,
   covariance), d^2 = |m1 - m2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)). Computed by torchmetrics' FrechetInceptionDistance
-  with the penultimate layer of vaelab.classifier's small CNN in place of Inception v3 (which cannot be downloaded
+  with the penultimate layer of vaelab.evaluation.classifier's small CNN in place of Inception v3 (which cannot be downloaded
   here and does not suit 28x28 grey images), between the test images and: prior samples (the decoder's mean images
   of z ~ N(0, I)), the model's reconstructions of the test images (the mean image of the posterior mean), and the
   training images (the floor: what two samples of the real distribution score). Figures in this feature space are
@@ -20,7 +20,7 @@ import itertools
 import torch
 from torch import nn
 
-from vaelab import classifier as classifiers
+from vaelab.evaluation import classifier as classifiers
 
 
 def chance_level(labels: torch.Tensor) -> float:

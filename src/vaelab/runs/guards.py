@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from vaelab.data import epoch_seed
+from vaelab.data.tensors import epoch_seed
 from vaelab.errors import Interrupted, UserError
 
 CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")

@@ -1,5 +1,5 @@
 """Encoders map images to (mean, log-variance) of q(z|x); decoders map z to the parameters of p(x|z) per pixel
-(Bernoulli logits by default; see vaelab.likelihoods).
+(Bernoulli logits by default; see vaelab.model.likelihoods).
 
 Conditional networks (num_classes > 0, model.conditional=true; Sohn et al., 2015) also take the label y: as a
 one-hot vector of num_classes entries concatenated to the input of the network's first linear layer. Dense

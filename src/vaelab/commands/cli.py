@@ -26,7 +26,7 @@ def _run(prog: str, module: str, config_name: str) -> None:
 
         import hydra
 
-        import vaelab.schema  # noqa: F401  registers the schemas and resolvers the configs use
+        import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers the configs use
         from vaelab import CONF_DIR
 
         def task(cfg):  # the command's module (torch, Lightning) is imported once the settings have passed
@@ -38,13 +38,13 @@ def _run(prog: str, module: str, config_name: str) -> None:
 
 
 def train() -> None:
-    """`resume_from=<run dir> [settings]` is its own plain path (vaelab.train.resume): the run's saved config, not
+    """`resume_from=<run dir> [settings]` is its own plain path (vaelab.commands.train.resume): the run's saved config, not
     conf/, is what the settings change, so Hydra's command line is not involved."""
     args = sys.argv[1:]
     given = [a for a in args if a.split("=", 1)[0] == "resume_from"]
     value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
     if value in ("", "null"):
-        return _run("vaelab-train", "vaelab.train", "train")
+        return _run("vaelab-train", "vaelab.commands.train", "train")
     with exit_cleanly("vaelab-train"):
         flags = [a for a in args if a.startswith("-")]
         if flags:
@@ -59,14 +59,14 @@ def train() -> None:
                 f"directory from its own newest checkpoint"
             )
         _quiet()
-        from vaelab.train import resume
+        from vaelab.commands.train import resume
 
         resume(value, [a for a in args if a.split("=", 1)[0] != "resume_from"])
 
 
 def evaluate() -> None:
-    _run("vaelab-eval", "vaelab.evaluate", "eval")
+    _run("vaelab-eval", "vaelab.commands.evaluate", "eval")
 
 
 def generate() -> None:
-    _run("vaelab-generate", "vaelab.generate", "generate")
+    _run("vaelab-generate", "vaelab.commands.generate", "generate")

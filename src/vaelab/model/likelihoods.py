@@ -86,7 +86,7 @@ class Bernoulli(Likelihood):
     params_per_channel = 1
 
     def nll(self, out: Tensor, x: Tensor) -> Tensor:
-        # Exactly vaelab.module.bernoulli_nll: published figures are pinned to it.
+        # Exactly vaelab.model.vae.bernoulli_nll: published figures are pinned to it.
         return F.binary_cross_entropy_with_logits(self._out(out), x.float(), reduction="none").flatten(1).sum(1)
 
     def mean(self, out: Tensor) -> Tensor:

@@ -119,7 +119,7 @@ def train(
     lr: float = LR,
 ) -> Classifier:
     """Adam on the cross-entropy; the initial weights and each epoch's order come from `seed` alone."""
-    from vaelab.data import seeded_order
+    from vaelab.data.tensors import seeded_order
 
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random state untouched
         torch.manual_seed(seed)
@@ -175,7 +175,7 @@ def load_or_train_classifier(
     The cache is in `cache_dir`, by default `<data_dir>/classifier/`.
     """
     if isinstance(datamodule, (str, Path)):
-        from vaelab.data import MNISTLike
+        from vaelab.data.mnist import MNISTLike
 
         datamodule = MNISTLike(dataset="FashionMNIST", data_dir=str(datamodule))
     images, labels = training_data(datamodule)

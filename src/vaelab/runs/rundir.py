@@ -28,10 +28,11 @@ from typing import Any
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from vaelab import schema
 from vaelab.errors import UserError, exit_cleanly, one_line
 from vaelab.files import atomic_write
-from vaelab.hardware import check_accelerator, check_device
+from vaelab.runs import settings
+from vaelab.runs.checkpoints import renamed
+from vaelab.runs.hardware import check_accelerator, check_device
 
 # What vaelab's commands write into a run directory: a directory holding any of them holds a run.
 OUTPUTS = (
@@ -126,14 +127,14 @@ class RunDirectory(HydraCallback):
         with exit_cleanly(app):
             HydraConfig.instance().set_config(config)  # so that ${hydra:...} in the paths resolves already
             command = COMMANDS[app]
-            schema.check(config, command)
+            settings.check(config, command)
             if command == "train":
                 check_accelerator(str(config.trainer.get("accelerator")), "trainer.accelerator", "use trainer=cpu")
             else:
                 check_device(str(config.device))
             _not_empty(str(config.hydra.run.dir), "hydra.run.dir")
             if config.get("ckpt_path"):  # last: a bad setting is named first, whatever the checkpoint
-                schema.check_checkpoint_file(str(config.ckpt_path))
+                settings.check_checkpoint_file(str(config.ckpt_path))
             directory = self.fresh(
                 config, str(config.hydra.run.dir), _given(config, "hydra.run.dir"), "hydra.run.dir=<dir>", OUTPUTS, app
             )
@@ -265,6 +266,7 @@ def resumed(run_dir: Path, overrides: list[str]) -> DictConfig:
         cfg = OmegaConf.load(path)
         if not isinstance(cfg, DictConfig) or "trainer" not in cfg or "model" not in cfg:
             raise ValueError("it is not a vaelab-train config (no model and trainer sections)")
+        renamed(cfg)  # a run of an older vaelab names its classes by their old names
     except Exception as err:  # yaml, OSError, ValueError: all mean the same to the user
         raise UserError(
             f"resume_from={run_dir}: its saved config {path} is damaged ({type(err).__name__}: "

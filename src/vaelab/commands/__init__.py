@@ -1,0 +1,1 @@
+"""The console scripts vaelab-train, vaelab-eval and vaelab-generate: each builds, runs and reports."""

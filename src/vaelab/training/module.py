@@ -1,0 +1,170 @@
+"""The Lightning wrapper that trains a vaelab.model.VAE: steps, the KL warm-up, logging, the optimizer.
+
+Training objectives, each composable with beta:
+- kl_warmup_epochs=N: the KL weight rises linearly from 0 to beta over N epochs (per step);
+- free_bits=L: the KL term is sum_d max(L, mean over the batch of KL_d) (Kingma et al. 2016);
+- objective=iwae, num_samples=K: the importance-weighted bound of Burda et al. (2015).
+Validation and test always report the true bounds (beta as set, no warm-up, no free bits): val/loss (what
+the best checkpoint is chosen by), val/nelbo = recon + KL, and test/nll_iwae, the IWAE estimate of -log p(x).
+
+The constructor's arguments are the model's settings (conf/model/dense.yaml) and are saved in every checkpoint as
+its hyper_parameters, so vaelab-eval and vaelab-generate rebuild the plain VAE from them without Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric
+
+from vaelab.model.likelihoods import bits_per_dim
+from vaelab.model.vae import VAE, add_noise, bounds
+
+EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon", "nelbo", "nll_iwae")
+BPD_KEYS = ("nelbo", "nll_iwae")  # also logged in bits per dimension, as <stage>/<key>_bpd
+EVAL_SEED = 0  # the dequantisation noise and the importance samples of validation and test: the same every epoch
+
+
+def _plain(node):
+    """Plain dicts and lists: checkpoints then hold only built-in types and load with weights_only."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+class VAEModule(pl.LightningModule):
+    """Trains `self.vae` (a vaelab.model.VAE built from these settings) with Lightning."""
+
+    def __init__(
+        self,
+        encoder: Mapping,
+        decoder: Mapping,
+        latent_dim: int,
+        optimizer: Mapping | None = None,
+        name: str = "custom",
+        objective: str = "elbo",
+        beta: float = 1.0,
+        epsilon_std: float = 1.0,
+        noise_factor: float = 0.0,
+        denoise: bool = False,
+        likelihood: str = "bernoulli",
+        likelihood_kwargs: Mapping | None = None,
+        binarize: str = "none",
+        kl_warmup_epochs: int = 0,
+        free_bits: float = 0.0,
+        num_samples: int = 1,
+        eval_iwae_samples: int = 10,
+        val_iwae_every_n_epochs: int = 0,
+        conditional: bool = False,
+        class_names: list[str] | None = None,
+    ):
+        super().__init__()
+        class_names = [str(name) for name in class_names] if conditional and class_names else None
+        encoder, decoder, optimizer = _plain(encoder), _plain(decoder), _plain(optimizer)
+        likelihood_kwargs = _plain(likelihood_kwargs)
+        # logger=False: the HPARAMS tab gets a flat, stable set of values from the entry point instead.
+        self.save_hyperparameters(logger=False)
+        self.vae = VAE.from_settings(self.hparams, instantiate)
+        self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
+        self._train_loss_count = 0
+        self._eval_generator: torch.Generator | None = None
+        # Per-image means of validation and test figures (weighted by batch size; torchmetrics syncs them under DDP).
+        # nan_strategy="disable": a NaN must reach the mean (the guard stops on it; torchmetrics' default drops it),
+        # and no per-batch check means no host sync per batch.
+        self.eval_means = torch.nn.ModuleDict(
+            {f"{stage}_{key}": MeanMetric(nan_strategy="disable") for stage in ("val", "test") for key in EVAL_KEYS}
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """A checkpoint of a vaelab before the redesign holds the VAE's weights at the top level: under `vae.` here."""
+        checkpoint["state_dict"] = {
+            key if key.startswith(("vae.", "eval_means.")) else f"vae.{key}": value
+            for key, value in checkpoint["state_dict"].items()
+        }
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        return self.vae(x, y)
+
+    def kl_weight(self) -> float:
+        """beta, reached linearly over the first kl_warmup_epochs epochs (per step) of training."""
+        epochs = self.hparams.kl_warmup_epochs
+        if not epochs or not self.training:
+            return self.hparams.beta
+        done = self.trainer.current_epoch + self.trainer.fit_loop.epoch_loop.batch_idx / max(1, self.trainer.num_training_batches)
+        return self.hparams.beta * min(1.0, done / epochs)
+
+    # --- training ----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        hp, vae = self.hparams, self.vae
+        target = vae.target(x)
+        x_in = add_noise(target, hp.noise_factor) if hp.denoise else target
+        loss = vae.training_loss(
+            x_in, target, vae.labels_of(y), kl_weight=self.kl_weight(), free_bits=hp.free_bits, num_samples=hp.num_samples
+        )
+        # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
+        detached = loss.detach().float()
+        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
+        self._train_loss_count += 1
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
+            if hp.kl_warmup_epochs:
+                self.log("train/beta", self.kl_weight())
+            self._train_loss_sum, self._train_loss_count = None, 0
+        return loss
+
+    # --- validation and test -----------------------------------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_generator = torch.Generator(device=self.device).manual_seed(EVAL_SEED)
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _eval_step(self, x: torch.Tensor, stage: str, y: torch.Tensor | None = None) -> None:
+        hp, vae, generator = self.hparams, self.vae, self._eval_generator
+        y = vae.labels_of(y)
+        target = vae.target(x, generator)
+        parts, mu, logvar = vae.loss_and_posterior(target, target, y)
+        if hp.noise_factor > 0:
+            # Reconstruction error of noisy inputs against the clean images: the notebook's noise weakness, tracked.
+            parts["noisy_recon"] = vae.loss(add_noise(target, hp.noise_factor), target, y)["recon"]
+        if hp.objective != "notebook":
+            parts["nelbo"] = parts["recon"] + parts["kl"]
+            every = hp.val_iwae_every_n_epochs
+            if stage == "test" or (every and not self.trainer.sanity_checking and (self.current_epoch + 1) % every == 0):
+                iwae = bounds(vae, target, mu, logvar, hp.eval_iwae_samples, generator=generator, labels=y)["nll_iwae"]
+                parts["nll_iwae"] = iwae.mean()
+        for key, value in parts.items():
+            mean = self.eval_means[f"{stage}_{key}"]
+            mean.update(value.detach().float(), weight=x.shape[0])
+            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch[0], "val", batch[1])
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch[0], "test", batch[1])
+
+    def _log_bits_per_dim(self, stage: str) -> None:
+        """<stage>/nelbo_bpd and <stage>/nll_iwae_bpd, from the epoch's per-image means (already summed over the
+        ranks by torchmetrics: every rank logs the same value), for the figures computed this epoch."""
+        for key in BPD_KEYS:
+            mean = self.eval_means[f"{stage}_{key}"]
+            if mean.update_called:  # val/nll_iwae only every val_iwae_every_n_epochs epochs; none for the notebook
+                nats = mean.compute()
+                self.log(
+                    f"{stage}/{key}_bpd",
+                    bits_per_dim(nats, math.prod(self.vae.image_shape), self.hparams.likelihood),
+                    sync_dist=True,
+                )
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_bits_per_dim("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_bits_per_dim("test")
+
+    def configure_optimizers(self):
+        return instantiate(self.hparams.optimizer)(params=self.parameters())  # a partial: the config holds its settings
