@@ -125,6 +125,11 @@ def build(node, key: str, **kwargs):
         raise
 
 
+# The line for a setting of the wrong type, from where the settings are declared (vaelab.runs.settings puts its own
+# here when imported): this module stays at the bottom of the import graph.
+TYPE_MESSAGE: list = []
+
+
 def hydra_message(err: Exception) -> str | None:
     """Hydra's composition errors (unknown keys and choices, bad types, unparsable overrides) as one line."""
     import difflib
@@ -146,10 +151,8 @@ def hydra_message(err: Exception) -> str | None:
         )
     if isinstance(err, OverrideParseException):
         return f"cannot parse the override {err.override!r}: {one_line(err.message)}"
-    if isinstance(cause, ValidationError) and cause.full_key:  # a structured config's type check
-        from vaelab.runs.settings import type_message
-
-        return type_message(cause.full_key, cause)
+    if isinstance(cause, ValidationError) and cause.full_key and TYPE_MESSAGE:  # a structured config's type check
+        return TYPE_MESSAGE[0](cause.full_key, cause)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         key = cause.full_key
         near = difflib.get_close_matches(key.rpartition(".")[2], list(getattr(cause.parent_node, "keys", list)()), n=1)
@@ -219,11 +222,25 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM during start-up: a stop like Ctrl-C's, in one line (its default ended the command without a word)."""
+    raise Interrupted(f"stopped by SIGTERM before {_STARTING[-1] if _STARTING else 'it started'}", signum)
+
+
+_STARTING: list[str] = []  # what start-up comes before, for _terminate's line
+
+
 def raise_if_interrupted() -> None:
     """Where start-up ends: a Ctrl-C that a library swallowed on the way is raised again, not lost (torch's C++
-    import of numpy clears the KeyboardInterrupt and goes on without numpy; the run then trained to its end)."""
+    import of numpy clears the KeyboardInterrupt and goes on without numpy; the run then trained to its end).
+    SIGTERM goes back to its default here: training (Lightning) and vaelab-eval/-generate (stopped_by_signals)
+    handle it from now on."""
+    import signal
+
     if _SIGINTS:
         raise KeyboardInterrupt
+    if signal.getsignal(signal.SIGTERM) is _terminate:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -239,11 +256,14 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     if not _USER_WANTS_TRACEBACKS:
         os.environ["HYDRA_FULL_ERROR"] = "1"
     before = "training started" if prog == "vaelab-train" else "any result was written"
-    remember = (
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler and threading.current_thread() is threading.main_thread()
-    )
+    main = threading.current_thread() is threading.main_thread()
+    remember = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    terminate = main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     if remember:
         signal.signal(signal.SIGINT, _interrupt)
+    if terminate:
+        _STARTING[:] = [before]
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         yield
     except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
@@ -259,6 +279,8 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     finally:
         if remember:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+        if terminate and signal.getsignal(signal.SIGTERM) is _terminate:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -271,9 +293,9 @@ def stopped_by_signals(unfinished: str) -> Iterator[None]:
     def stop(signum, frame) -> None:
         raise Interrupted(f"stopped by {signal.Signals(signum).name}; {unfinished}", signum)
 
+    raise_if_interrupted()  # start-up ends here (and SIGTERM's start-up handler with it)
     defaults = {signal.SIGINT: (signal.default_int_handler, _interrupt), signal.SIGTERM: (signal.SIG_DFL,)}
     previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) in default}
-    raise_if_interrupted()
     for signum in previous:
         signal.signal(signum, stop)
     try:

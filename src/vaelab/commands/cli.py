@@ -29,12 +29,27 @@ def _run(prog: str, module: str, config_name: str) -> None:
         import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers the configs use
         from vaelab import CONF_DIR
 
+        from omegaconf.errors import OmegaConfBaseException
+
+        from vaelab.errors import message_for, one_line
+
+        started = []
+
         def task(cfg):  # the command's module (torch, Lightning) is imported once the settings have passed
+            started.append(True)
             with exit_cleanly(prog):  # here too: Hydra adds a line of its own for a task that raises
                 command = import_module(module)
             return command.hydra_task(cfg)
 
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+        try:
+            hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
+        except (ValueError, OmegaConfBaseException) as err:  # Hydra's own flags used in a way it refuses
+            if started or message_for(err) is not None:
+                raise
+            raise UserError(
+                f"{one_line(err)}; `{prog} --hydra-help` lists Hydra's flags, `{prog} --cfg all --resolve` prints every "
+                "setting resolved"
+            ) from None
 
 
 def train() -> None:

@@ -271,9 +271,3 @@ def hydra_task(cfg: DictConfig) -> float:
     unfinished = "eval.json is written only at the end: run it again for the results"
     with job_reporting("vaelab-eval"), recorded(), stopped_by_signals(unfinished):
         return run(cfg)["nll_iwae"]
-
-
-if __name__ == "__main__":
-    from vaelab.commands.cli import evaluate as _main
-
-    _main()

@@ -96,9 +96,3 @@ def hydra_task(cfg: DictConfig) -> None:
     """The Hydra task of `vaelab-generate`."""
     with job_reporting("vaelab-generate"), recorded(), stopped_by_signals("run it again for the pictures"):
         run(cfg)
-
-
-if __name__ == "__main__":
-    from vaelab.commands.cli import generate as _main
-
-    _main()

@@ -400,9 +400,3 @@ def hydra_task(cfg: DictConfig) -> float | None:
     """The Hydra task; returns the final val/recon + val/kl (val/loss at beta 1) for sweepers to minimise."""
     with job_reporting("vaelab-train"):
         return objective(train(cfg))
-
-
-if __name__ == "__main__":
-    from vaelab.commands.cli import train as _main
-
-    _main()

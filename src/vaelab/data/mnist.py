@@ -145,6 +145,7 @@ class MNISTLike(TensorData):
     ):
         super().__init__(batch_size, eval_batch_size, seed, binarize, image_shape, split_seed)
         self.dataset, self.data_dir, self.system_dir, self.download = dataset, data_dir, system_dir, download
+        self.check_shape(torch.empty(0, 1, 28, 28))  # every IDX dataset here is 28x28 grey: refused before any work
         self.val_size = val_size
 
     @property

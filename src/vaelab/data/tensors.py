@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from vaelab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 BINARIZE = ("none", "dynamic", "static")  # none: grey levels; dynamic: training images re-drawn each epoch
@@ -121,6 +123,7 @@ class TensorData:
         if self.train_set is not None:
             return
         splits = [(x.to(device), y.to(device)) for x, y in self.load()]
+        self.check_shape(splits[0][0])
         self.train_set, self.val_set, self.test_set = splits
         if self.binarize != "none":  # fixed binary images: the same figures every epoch, every run, and both modes
             for offset, split in enumerate(("train", "val", "test")):
@@ -134,6 +137,16 @@ class TensorData:
                 "each training image a fresh Bernoulli draw every epoch"
                 if self.binarize == "dynamic"
                 else "every split binarized once",
+            )
+
+    def check_shape(self, images: torch.Tensor) -> None:
+        """The images are what data.image_shape says (the networks are built for that shape), or one line."""
+        shape, name = tuple(images.shape[1:]), getattr(self, "dataset", type(self).__name__)
+        if shape != self.image_shape:
+            text = lambda dims: "[" + ",".join(map(str, dims)) + "]"  # noqa: E731
+            raise UserError(
+                f"data.image_shape={text(self.image_shape)} does not match {name}'s images, which are {text(shape)} "
+                f"(channels, height, width): set data.image_shape={text(shape)}, or leave it as the data config sets it"
             )
 
     def batches(self, split: str, rank: int = 0, world_size: int = 1, epoch_fn: Callable[[], int] = lambda: 0) -> TensorBatches:

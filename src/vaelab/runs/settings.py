@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from vaelab import errors
 from vaelab.errors import UserError, show
 from vaelab.runs import hardware  # noqa: F401  registers the resolvers the configs use
 
@@ -32,7 +33,7 @@ class Paths:
     root_dir: str = MISSING
     data_dir: str = MISSING
     log_dir: str = MISSING
-    output_dir: str = MISSING
+    output_dir: Optional[str] = MISSING  # null until a run starts (Hydra's runtime.output_dir): --cfg job --resolve
 
 
 @dataclass
@@ -513,7 +514,12 @@ def type_message(full_key: str, err: OmegaConfBaseException) -> str:
         rule = rules[path][1]
     else:
         return f"{full_key}: {str(err).strip().splitlines()[0]}"
-    typed = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") == path and "=" in a), None)
+    # The last time the key is given: Hydra applies the overrides in order, so that is the value it refuses.
+    given = [a.split("=", 1)[1] for a in sys.argv[1:] if "=" in a and a.split("=", 1)[0].lstrip("+~") == path]
+    typed = given[-1] if given else None
     found = re.search(r"Value '(.*)' of type", str(err))
     value = typed if typed is not None else found.group(1) if found else "?"
     return f"{path}={value} is not allowed: {path} must be {rule.allowed}, e.g. {path}={rule.example}"
+
+
+errors.TYPE_MESSAGE[:] = [type_message]
