@@ -11,16 +11,17 @@ given to the networks as `data.image_shape`.
 
 The images are decoded once, in parallel (one process per core unless `workers` says otherwise), into
 `<path>/.vaelab-cache/c<channels>-s<image_size>-<crop|resize>-<hash>.pt` (or, when the folder is not writable, into
-`cache_dir`); the hash covers the file names, sizes and modification times and the settings that change the pixels,
-so a changed folder or setting decodes anew (replacing the stale cache of the same settings) and an unchanged one
-loads the cache. Training itself does no per-image Python work.
+`cache_dir`), a vaelab.caches cache; the hash covers every file's name and bytes and the settings that change the
+pixels, so a changed folder, file (even one rewritten in place with its size and time kept) or setting decodes anew
+(replacing the stale cache of the same settings) and an unchanged one loads the cache. Hashing reads every file at
+each start, about a tenth of the time decoding takes (1,000 28x28 PNGs on one idle core: 10 ms against 61 ms).
+The labels come from the file names. A file that cannot be read (a dangling symbolic link, a loop of them) stops the
+run in one line naming it, as an image that cannot be decoded does. Training itself does no per-image Python work.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import logging
 import math
 import os
@@ -30,15 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vaelab import caches
 from vaelab.data.tensors import TensorData, seeded_order
 from vaelab.errors import UserError, one_line, show
-from vaelab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")  # compared in lower case
 CACHE_FOLDER = ".vaelab-cache"
-CACHE_VERSION = 1
+# version 2: keyed by the files' bytes, holding the images alone (version 1: keyed by names, sizes and times)
+CACHE = caches.Cache("image_folder", 2, log, "data: the image cache", "decoding the images again")
 GIB = 1024**3
 
 
@@ -125,26 +127,14 @@ def decode_chunk(
     return (np.stack(arrays) if same and arrays else None), sizes, failures
 
 
-def cache_name(root: Path, files: list[str], channels: int, image_size: int | None, crop: bool) -> str:
-    """The cache file's name: the settings that change the pixels, then a short hash of them and of the file list
-    (names, sizes, modification times), e.g. `c3-s32-crop-<hash>.pt`."""
-    entries, top = [], str(root)
-    for name in files:
-        st = os.stat(os.path.join(top, name))
-        entries.append([name, st.st_size, st.st_mtime_ns])
-    text = json.dumps({"v": CACHE_VERSION, "files": entries, "channels": channels, "image_size": image_size, "crop": crop})
-    return f"{settings_prefix(channels, image_size, crop)}{hashlib.sha256(text.encode()).hexdigest()[:20]}.pt"
-
-
 def settings_prefix(channels: int, image_size: int | None, crop: bool) -> str:
     return f"c{channels}-s{image_size or 'own'}-{'crop' if crop else 'resize'}-"
 
 
 def write_cache(path: Path, data: bytes, stale_prefix: str) -> None:
-    """One cache file, whole or not at all (its folder made first); then the caches of the same settings for an
+    """One cache file (CACHE.pack's bytes), whole or not at all; then the caches of the same settings for an
     earlier state of the folder are removed (the folder changed: they can never be used again)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, data)
+    CACHE.write(path, data)
     for old in path.parent.glob(f"{stale_prefix}*.pt"):
         if old != path:
             old.unlink(missing_ok=True)
@@ -221,7 +211,8 @@ class ImageFolder(TensorData):
             self.decoded()
 
     def decoded(self) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
-        """(uint8 images [N, C, H, W], int64 labels, class names), from the cache or decoded and cached."""
+        """(uint8 images [N, C, H, W], int64 labels, class names): the labels from the file names, the images from
+        the cache or decoded and cached."""
         if self._decoded is not None:
             return self._decoded
         root = self.root()
@@ -233,61 +224,36 @@ class ImageFolder(TensorData):
             )
         self.split_sizes(len(files))
         self.check_memory(len(files))
-        labels, classes = label_files(files)
-        paths = self.cache_paths(root, cache_name(root, files, self.channels, self.image_size, self.crop))
+        key = caches.files_key(root, files, CACHE.name, self.channels, self.image_size, self.crop)
+        paths = self.cache_paths(root, f"{settings_prefix(self.channels, self.image_size, self.crop)}{key[:20]}.pt")
+        schema = {"images": caches.Tensor(torch.uint8, (len(files), *self.image_shape))}
         for path in paths:
-            cached = self.read_cache(path, len(files))
+            cached = CACHE.read(path, key, schema)
             if cached is not None:
                 log.info("data: %d images from the cache %s", len(files), path)
-                self._decoded = cached
-                return cached
-        images = self.decode(root, files)
-        self.check_shape(images, root)
-        buffer = io.BytesIO()
-        torch.save({"version": CACHE_VERSION, "images": images, "labels": labels, "classes": classes}, buffer)
+                images = cached["images"]
+                break
+        else:
+            images = self.decode(root, files)
+            self.check_shape(images)
+            self.store(paths, CACHE.pack(key, {"images": images}), len(files))
+        self._decoded = (images, *label_files(files))
+        return self._decoded
+
+    def store(self, paths: list[Path], packed: bytes, n: int) -> None:
+        """The cache into the first of paths that can be written; one line when none can."""
         errors = []
         for path in paths:
             try:
-                write_cache(path, buffer.getvalue(), settings_prefix(self.channels, self.image_size, self.crop))
+                write_cache(path, packed, settings_prefix(self.channels, self.image_size, self.crop))
             except OSError as err:
                 errors.append(f"{path} ({err.strerror or err})")
                 continue
-            log.info("data: %d images decoded into the cache %s", len(files), path)
-            break
-        else:
-            raise UserError(
-                f"cannot write the image cache to {errors[0]} nor to {errors[1]}: "
-                "choose a writable folder with data.cache_dir=<dir>"
-            )
-        self._decoded = (images, labels, classes)
-        return self._decoded
-
-    def read_cache(self, path: Path, n: int) -> tuple[torch.Tensor, torch.Tensor, list[str] | None] | None:
-        """The cache at path, checked; None when there is none, and (with a warning) when it is damaged."""
-        if not path.is_file():
-            return None
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            images, labels, classes = data["images"], data["labels"], data["classes"]
-            c, h, w = self.image_shape
-            problems = [
-                data.get("version") != CACHE_VERSION and "another version",
-                not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and tuple(images.shape) == (n, c, h, w))
-                and f"images {tuple(getattr(images, 'shape', ()))}, expected ({n}, {c}, {h}, {w}) uint8",
-                not (isinstance(labels, torch.Tensor) and labels.dtype == torch.int64 and tuple(labels.shape) == (n,))
-                and "labels of the wrong shape or type",
-                not (classes is None or (isinstance(classes, list) and all(isinstance(x, str) for x in classes)))
-                and "class names of the wrong type",
-            ]
-            problem = next((p for p in problems if p), None)
-            if problem is None and n and (labels.min() < 0 or labels.max() >= max(len(classes or []), 1)):
-                problem = "labels out of range"
-        except Exception as err:  # unpickling errors, a truncated file, a missing key: all "damaged"
-            problem = f"{type(err).__name__}: {one_line(err)[:200]}"
-        if problem:
-            log.warning("data: the image cache %s is damaged (%s); decoding the images again", path, problem)
-            return None
-        return images, labels, classes
+            log.info("data: %d images decoded into the cache %s", n, path)
+            return
+        raise UserError(
+            f"cannot write the image cache to {errors[0]} nor to {errors[1]}: choose a writable folder with data.cache_dir=<dir>"
+        )
 
     def decode(self, root: Path, files: list[str]) -> torch.Tensor:
         """Every file as uint8 [N, C, H, W], in worker processes over chunks of files; each fault as one line."""
@@ -321,7 +287,7 @@ class ImageFolder(TensorData):
                 f"{sizes[other][1]}x{sizes[other][0]} (width x height); set data.image_size=<side> to bring them all to one size"
             )
         if mismatched:
-            self.check_shape(torch.empty((n, c, *sizes[0]), dtype=torch.uint8), root)
+            self.check_shape(torch.empty((n, c, *sizes[0]), dtype=torch.uint8))
         return images
 
     @staticmethod
@@ -336,11 +302,12 @@ class ImageFolder(TensorData):
                 mismatched.append(start)
             start += len(chunk)
 
-    def check_shape(self, images: torch.Tensor, root: Path) -> None:
+    def check_shape(self, images: torch.Tensor) -> None:
+        """TensorData's check, with the fix for a folder: the setting that resizes the images."""
         shape = tuple(images.shape[1:])
         if shape != tuple(self.image_shape):
             raise UserError(
-                f"the images in {root} are {shape[2]}x{shape[1]} (width x height) with {shape[0]} channel(s), but "
+                f"the images in {self.path} are {shape[2]}x{shape[1]} (width x height) with {shape[0]} channel(s), but "
                 f"data.image_shape={show(list(self.image_shape))}: set data.image_shape=[{shape[0]},{shape[1]},{shape[2]}], "
                 "or set data.image_size=<side> to resize them"
             )

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
-import io
 import logging
+import os
 from pathlib import Path
 
 import torch
 
+from vaelab import caches
 from vaelab.data.tensors import TensorData, seeded_order
 from vaelab.errors import UserError, one_line
-from vaelab.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-TORCHVISION_CACHE_VERSION = 1
+# version 2: keyed by torchvision's files (version 1: not keyed)
+CACHE = caches.Cache("torchvision", 2, log, "data: the cache", "converting torchvision's files again")
+SCHEMA = {  # images [N, C, H, W] and labels [N] of each split, one image shape for both; the class names
+    "train": (caches.Tensor(torch.uint8, ("n", "c", "h", "w")), caches.Tensor(torch.int64, ("n",), low=0)),
+    "test": (caches.Tensor(torch.uint8, ("m", "c", "h", "w")), caches.Tensor(torch.int64, ("m",), low=0)),
+    "classes": caches.NAMES,
+}
 # torchvision datasets known to hold their images as one array (the others read image files: data=image_folder)
 ARRAY_DATASETS = ("CIFAR10", "CIFAR100", "FashionMNIST", "KMNIST", "MNIST", "QMNIST", "STL10", "SVHN")
 
 
 class TorchvisionData(TensorData):
     """Another torchvision image dataset by name (CIFAR10, SVHN, KMNIST, ...): downloaded by torchvision on first use
-    (download=true), converted once into uint8 tensors, `<data_dir>/<dataset>/vaelab-<dataset>.pt`, which later runs
-    load in a second (weights-only: no pickle); the train split is split into train/val with a fixed generator.
+    (download=true), converted once into uint8 tensors, `<data_dir>/<dataset>/vaelab-<dataset>.pt` (a vaelab.caches
+    cache, keyed by the bytes of every file in that folder: replaced files are converted anew), which later runs load
+    in a second (weights-only: no pickle); the train split is split into train/val with a fixed generator.
 
     torchvision reads its own files: CIFAR's are pickles, which torchvision opens only after each file's MD5 matches
     the published checksum, so only the genuine files are unpickled, once; the MNIST family are IDX files, SVHN
@@ -66,47 +73,30 @@ class TorchvisionData(TensorData):
         """{"train": (uint8 images [N, C, H, W], int64 labels), "test": (...), "classes": names or None}: the cache,
         or torchvision's files converted (and cached)."""
         if self._tensors is None:
-            self._tensors = self.read_cache() or self.convert(download)
+            self._tensors = CACHE.read(self.cache_path(), self.source_key(), SCHEMA) or self.convert(download)
         return self._tensors
 
-    def read_cache(self) -> dict | None:
-        path = self.cache_path()
-        if not path.is_file():
-            return None
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            ok = data.get("version") == TORCHVISION_CACHE_VERSION and all(
-                isinstance(data[s][0], torch.Tensor)
-                and data[s][0].dtype == torch.uint8
-                and data[s][0].dim() == 4
-                and isinstance(data[s][1], torch.Tensor)
-                and data[s][1].shape == data[s][0].shape[:1]
-                for s in ("train", "test")
-            )
-        except Exception as err:  # a truncated or foreign file: converted again
-            ok, data = False, f"{type(err).__name__}: {one_line(err)[:200]}"
-        if not ok:
-            log.warning(
-                "data: the cache %s is damaged (%s); converting torchvision's files again",
-                path,
-                data if isinstance(data, str) else "unexpected content",
-            )
-            return None
-        return data
+    def source_key(self) -> str | None:
+        """The key of torchvision's files for this dataset (every file in <data_dir>/<dataset> but vaelab's cache and
+        hidden files), None when there are none (then the cache is all there is, and is used as it is)."""
+        folder, cache = self.cache_path().parent, self.cache_path().name
+        names = []
+        for parent, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            base = os.path.relpath(parent, folder)
+            names += [os.path.normpath(os.path.join(base, f)) for f in sorted(files) if not f.startswith(".") and f != cache]
+        return caches.files_key(folder, names, CACHE.name, self.dataset) if names else None
 
     def convert(self, download: bool) -> dict:
         root = self.root()
-        data = {"version": TORCHVISION_CACHE_VERSION, "classes": None}
+        data = {"classes": None}
         for split in ("train", "test"):
             dataset = open_torchvision(self.source, self.dataset, root, split, download)
             data[split] = as_tensors(dataset, self.dataset)
             data["classes"] = data["classes"] or (list(dataset.classes) if hasattr(dataset, "classes") else None)
-        buffer = io.BytesIO()
-        torch.save(data, buffer)
         path = self.cache_path()
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(path, buffer.getvalue())
+            CACHE.write(path, CACHE.pack(self.source_key(), data))
             log.info("data: %s converted into the cache %s", self.dataset, path)
         except OSError as err:  # a read-only copy still trains: it is converted again next time
             log.warning(

@@ -7,16 +7,16 @@ a few epochs of Adam on the whole training split (train + val of the data module
 Seeded: the same data and settings give the same weights. Any channel count and image size work (the layers take
 theirs from the data); the images are in [0, 1], as the data modules hold them.
 
-The cache, `<data_dir>/classifier/<dataset>-<C>x<H>x<W>-<hash>.pt`, holds plain data only (a state_dict, numbers,
-strings), so it loads with torch.load(weights_only=True); the hash covers the settings and the training images and
-labels themselves, so other data (another folder of images, binarized images) gets its own classifier. A cache that
-cannot be read or does not fit is retrained and replaced, with one line in the log saying why.
+The cache, `<data_dir>/classifier/<dataset>-<C>x<H>x<W>-<hash>.pt`, is a vaelab.caches cache: plain data only (a
+state_dict, numbers, strings), loaded with torch.load(weights_only=True); the hash covers the settings and the training
+and test images and labels themselves, so other data (another folder of images, binarized images) gets its own
+classifier. A cache that cannot be read or does not fit (a weight missing, of another shape, not finite) is retrained
+and replaced, with one line in the log saying why: a classifier with NaN weights made vaelab-eval die in the
+Fréchet distance's matrix square root.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
 import logging
 import time
 from pathlib import Path
@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vaelab.errors import UserError, one_line
-from vaelab.files import atomic_write
+from vaelab import caches
+from vaelab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the architecture or the training changes: old caches are then not found
+CACHE_VERSION = 2  # bump when the architecture or the training changes: old caches are then not found
+CACHE = caches.Cache("classifier", CACHE_VERSION, log, "classifier: the cache", "training it again")
 NUM_FEATURES = 128  # the penultimate layer, the Fréchet distance's feature space
 EPOCHS = 3
 BATCH_SIZE = 128
@@ -101,12 +102,9 @@ def training_data(datamodule) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([train_x, val_x]), torch.cat([train_y, val_y])
 
 
-def fingerprint(images: torch.Tensor, labels: torch.Tensor, settings: dict) -> str:
-    """A short hash of the settings and of the training images (as 8-bit levels) and labels."""
-    digest = hashlib.sha256(repr(sorted(settings.items())).encode())
-    digest.update(images.mul(255).round().to(torch.uint8).cpu().numpy().tobytes())
-    digest.update(labels.cpu().numpy().astype("int64").tobytes())
-    return digest.hexdigest()[:16]
+def levels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] as their 8-bit levels: what the cache's key covers."""
+    return images.mul(255).round().to(torch.uint8)
 
 
 def train(
@@ -139,25 +137,47 @@ def cache_dir_of(datamodule) -> Path:
     return Path(getattr(datamodule, "data_dir", "data")) / "classifier"
 
 
-def read_cache(path: Path, image_shape: tuple[int, int, int], device: torch.device) -> tuple[Classifier, dict] | None:
-    """The cached classifier and its record, or None (with one line in the log) when the file is damaged or foreign."""
-    if not path.is_file():
+def cache_schema(image_shape: tuple[int, int, int], num_classes: int) -> dict:
+    """What a cached classifier of this shape holds: every weight of the architecture (float32, finite), its record."""
+    with torch.device("meta"):  # the shapes alone: no memory, no draw from the random generator
+        weights = Classifier(image_shape, num_classes).state_dict()
+    return {  # checked in this order: the shapes first, which say best why a foreign cache does not fit
+        "image_shape": caches.equal(list(image_shape)),
+        "num_classes": caches.equal(num_classes),
+        "state_dict": {name: caches.Tensor(w.dtype, tuple(w.shape)) for name, w in weights.items()},
+        "classes": caches.NAMES,
+        "dataset": caches.TEXT,
+        "test_accuracy": caches.Value(lambda v: isinstance(v, float) and 0 <= v <= 1, "a fraction"),
+        **{k: caches.NUMBER for k in ("train_images", "train_seconds", "epochs", "seed", "batch_size", "lr")},
+    }
+
+
+def read_cache(path: Path, key: str, image_shape: tuple[int, int, int], num_classes: int) -> tuple[Classifier, dict] | None:
+    """The cached classifier (on the CPU) and its record, or None: none there, or (one line in the log) damaged,
+    foreign, of another version or made from other data."""
+    record = CACHE.read(path, key, cache_schema(image_shape, num_classes))
+    if record is None:
         return None
-    try:
-        record = torch.load(path, map_location=device, weights_only=True)
-        if not isinstance(record, dict) or record.get("version") != CACHE_VERSION:
-            raise ValueError(f"version {record.get('version') if isinstance(record, dict) else '?'}, expected {CACHE_VERSION}")
-        if tuple(record["image_shape"]) != tuple(image_shape):
-            raise ValueError(f"image shape {tuple(record['image_shape'])}, expected {tuple(image_shape)}")
-        model = Classifier(tuple(record["image_shape"]), int(record["num_classes"])).to(device)
-        model.load_state_dict(record["state_dict"])  # strict: every weight there, each of the right shape
-        float(record["test_accuracy"])
-    except Exception as err:  # truncated, not a torch file, foreign or of another version: trained again
-        log.warning(
-            "classifier: the cache %s is damaged (%s: %s); training it again", path, type(err).__name__, one_line(err)[:200]
-        )
-        return None
+    with torch.device("meta"):
+        model = Classifier(image_shape, num_classes)
+    model.load_state_dict(record["state_dict"], assign=True)  # the checked tensors themselves
     return model.eval(), record
+
+
+def classifier_data(datamodule, train_size: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(training images, labels, test images, labels, number of classes) of a data module, at least two classes."""
+    images, labels = training_data(datamodule)
+    datamodule.setup("test")
+    test_images, test_labels = datamodule.test_set
+    if train_size is not None:
+        images, labels = images[: int(train_size)], labels[: int(train_size)]
+    num_classes = int(max(labels.max(), test_labels.max())) + 1 if len(labels) else 0
+    if num_classes < 2:
+        raise UserError(
+            f"data={getattr(datamodule, 'dataset', '?')} has {num_classes} class(es): the classifier needs labelled images of "
+            "at least two classes (for a folder of images, one subfolder per class)"
+        )
+    return images, labels, test_images, test_labels, num_classes
 
 
 def load_or_train_classifier(
@@ -178,39 +198,39 @@ def load_or_train_classifier(
         from vaelab.data.mnist import MNISTLike
 
         datamodule = MNISTLike(dataset="FashionMNIST", data_dir=str(datamodule))
-    images, labels = training_data(datamodule)
-    datamodule.setup("test")
-    test_images, test_labels = datamodule.test_set
+    data = classifier_data(datamodule, train_size)
+    images, labels, test_images, test_labels, num_classes = data
     device = torch.device(device) if device is not None else images.device
-    if train_size is not None:
-        images, labels = images[: int(train_size)], labels[: int(train_size)]
-    num_classes = int(max(labels.max(), test_labels.max())) + 1 if len(labels) else 0
-    if num_classes < 2:
-        raise UserError(
-            f"data={getattr(datamodule, 'dataset', '?')} has {num_classes} class(es): the classifier needs labelled images of "
-            "at least two classes (for a folder of images, one subfolder per class)"
-        )
     image_shape = tuple(images.shape[1:])
-    settings = {"epochs": int(epochs), "seed": int(seed), "batch_size": BATCH_SIZE, "lr": LR, "version": CACHE_VERSION}
-    name = (
-        f"{getattr(datamodule, 'dataset', 'data')}-{'x'.join(map(str, image_shape))}-{fingerprint(images, labels, settings)}.pt"
-    )
-    path = Path(cache_dir) if cache_dir is not None else cache_dir_of(datamodule)
-    path = path / name
-    cached = read_cache(path, image_shape, device)
+    settings = {"epochs": int(epochs), "seed": int(seed), "batch_size": BATCH_SIZE, "lr": LR}
+    key = caches.content_key(CACHE.version, settings, num_classes, levels(images), labels, levels(test_images), test_labels)
+    folder = Path(cache_dir) if cache_dir is not None else cache_dir_of(datamodule)
+    path = folder / f"{getattr(datamodule, 'dataset', 'data')}-{'x'.join(map(str, image_shape))}-{key[:16]}.pt"
+    cached = read_cache(path, key, image_shape, num_classes)
     if cached is not None:
         model, record = cached
         log.info("classifier: %s (test accuracy %.4f)", path, record["test_accuracy"])
-        return model, float(record["test_accuracy"])
+        return model.to(device), float(record["test_accuracy"])
+    model, record = trained(datamodule, data, settings, device)
+    try:
+        CACHE.write(path, CACHE.pack(key, record))
+        log.info("classifier: cached in %s", path)
+    except OSError as err:  # the classifier still serves this run; the next one trains it again
+        log.warning("classifier: cannot write the cache %s (%s); it is trained again next time", path, err.strerror or err)
+    return model, record["test_accuracy"]
 
+
+def trained(datamodule, data: tuple, settings: dict, device: torch.device) -> tuple[Classifier, dict]:
+    """A classifier trained on classifier_data's tuple, and the record the cache keeps of it."""
+    images, labels, test_images, test_labels, num_classes = data
     started = time.perf_counter()
-    model = train(images.to(device), labels.to(device), num_classes, epochs, seed)
+    model = train(images.to(device), labels.to(device), num_classes, settings["epochs"], settings["seed"])
     seconds = time.perf_counter() - started
     test_accuracy = accuracy(model, test_images.to(device), test_labels)
-    record = {
-        "version": CACHE_VERSION,
+    log.info("classifier: trained on %d images in %.1f s, test accuracy %.4f", len(images), seconds, test_accuracy)
+    return model, {
         "state_dict": {k: v.cpu() for k, v in model.state_dict().items()},
-        "image_shape": list(image_shape),
+        "image_shape": list(images.shape[1:]),
         "num_classes": num_classes,
         "classes": list(getattr(datamodule, "classes", None) or []),
         "dataset": str(getattr(datamodule, "dataset", "")),
@@ -219,14 +239,3 @@ def load_or_train_classifier(
         "train_seconds": round(seconds, 2),
         **settings,
     }
-    buffer = io.BytesIO()
-    torch.save(record, buffer)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, buffer.getvalue())
-    except OSError as err:  # the classifier still serves this run; the next one trains it again
-        log.warning("classifier: cannot write the cache %s (%s); it is trained again next time", path, err.strerror or err)
-    log.info(
-        "classifier: trained on %d images in %.1f s, test accuracy %.4f, cached in %s", len(images), seconds, test_accuracy, path
-    )
-    return model, test_accuracy

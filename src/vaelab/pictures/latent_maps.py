@@ -15,6 +15,14 @@ from vaelab.model.vae import VAE
 from vaelab.pictures.base import FIT_STAGES, PictureCallback, evaluating, grid, label_column, tensorboard_writers
 
 SPRITE_SIDE = 8192  # TensorBoard's projector shows no sprite larger than this, in pixels a side
+# What would break a row of the projector's metadata.tsv: a tab starts a column, a newline (or another line break) a row.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def projector_label(name: str) -> str:
+    """A class name as one cell of the projector's metadata.tsv: control characters written as escapes (a newline
+    as the two characters \\n), the rest as it is."""
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), name)
 
 
 def thumbnails(images: torch.Tensor) -> torch.Tensor:
@@ -108,7 +116,7 @@ class LatentMap(PictureCallback):
             return
         with evaluating(vae):
             mu = vae.encode(self.images, self.labels)[0].float().cpu()
-        metadata = self.label_names(self.labels.cpu().tolist())
+        metadata = [projector_label(name) for name in self.label_names(self.labels.cpu().tolist())]  # one row per point
         for writer in tensorboard_writers(trainer):
             writer.add_embedding(
                 mu, metadata=metadata, label_img=thumbnails(self.images), global_step=trainer.global_step, tag="latent_map"
