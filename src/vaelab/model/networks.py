@@ -7,6 +7,14 @@ encoder: to the flattened image; conv encoder: to the flattened output of the co
 both decoders: to z. y is either class indices [B] (int64) or already a vector per image [B, num_classes] (a mix
 of two one-hot vectors, as the interpolation picture draws between two classes). num_classes=0 builds the
 unconditional network exactly as before: the same layers, parameters and forward pass.
+
+The dense networks have three options of the reference VAE of Tomczak & Welling's VampPrior code
+(jmtomczak/vae_vampprior, utils/nn.py and models/VAE.py), each off by default, so the default networks are the ones
+they always were:
+- gated=true: each hidden layer is a gated linear unit, h = (W1 x + b1) * sigmoid(W2 x + b2) (`GatedDense`), in place of
+  ReLU(W x + b);
+- logvar_range=[low, high] (encoder): the log-variance clamped to that range (the reference's Hardtanh(-6, 2));
+- init=he: every linear layer's weights drawn from N(0, 2 / fan_in) (He et al. 2015), biases as PyTorch draws them.
 """
 
 from __future__ import annotations
@@ -32,31 +40,77 @@ def with_label(h: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> tor
     return torch.cat([h, one_hot(y, num_classes, h)], dim=-1)
 
 
+INITS = ("default", "he")
+
+
+class GatedDense(nn.Module):
+    """A gated linear layer (Dauphin et al. 2017; the reference's utils/nn.py): (W1 x + b1) * sigmoid(W2 x + b2)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.h, self.g = nn.Linear(n_in, n_out), nn.Linear(n_in, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.h(x) * torch.sigmoid(self.g(x))
+
+
+def hidden_layers(sizes: list[int], gated: bool) -> list[nn.Module]:
+    """One hidden layer per consecutive pair of sizes: gated linear units, or linear layers followed by ReLU."""
+    layers: list[nn.Module] = []
+    for n_in, n_out in zip(sizes[:-1], sizes[1:]):
+        layers += [GatedDense(n_in, n_out)] if gated else [nn.Linear(n_in, n_out), nn.ReLU()]
+    return layers
+
+
+def initialise(network: nn.Module, init: str) -> None:
+    """init=he: every linear layer's weights redrawn from N(0, 2 / fan_in) (the reference's he_init); biases kept.
+    init=default: PyTorch's own initialisation, untouched (no random numbers drawn)."""
+    if init not in INITS:
+        raise ValueError(f"init={init!r} is not one of {INITS}")
+    if init == "he":
+        for layer in network.modules():
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, 0.0, math.sqrt(2.0 / layer.in_features))
+
+
 class DenseEncoder(nn.Module):
-    """The notebook's encoder: flatten, then one linear head each for the mean and the log-variance.
+    """The notebook's encoder: flatten, then one linear head each for the mean and the log-variance; `hidden` adds
+    hidden layers in between (ReLU, or gated with gated=true). logvar_range=[low, high] clamps the log-variance.
     num_classes > 0: the one-hot label is appended to the flattened image."""
 
-    def __init__(self, latent_dim: int, image_shape=(1, 28, 28), hidden: tuple[int, ...] = (), num_classes: int = 0):
+    def __init__(
+        self,
+        latent_dim: int,
+        image_shape=(1, 28, 28),
+        hidden: tuple[int, ...] = (),
+        num_classes: int = 0,
+        gated: bool = False,
+        logvar_range: tuple[float, float] | None = None,
+        init: str = "default",
+    ):
         super().__init__()
         self.num_classes = num_classes
+        if logvar_range is not None and not (len(logvar_range) == 2 and float(logvar_range[0]) < float(logvar_range[1])):
+            raise ValueError(f"logvar_range={list(logvar_range)} is not [low, high] with low < high")
+        self.logvar_range = None if logvar_range is None else (float(logvar_range[0]), float(logvar_range[1]))
         sizes = [math.prod(image_shape) + num_classes, *hidden]
-        layers: list[nn.Module] = [nn.Flatten()]
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(nn.Flatten(), *hidden_layers(sizes, gated))
         self.heads = nn.Linear(sizes[-1], 2 * latent_dim)  # mean and log-variance in one matmul
+        initialise(self, init)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.num_classes:  # flattened here (the body's Flatten then keeps it as it is)
             x = with_label(x.flatten(1), y, self.num_classes)
         mu, logvar = self.heads(self.body(x)).chunk(2, dim=-1)
+        if self.logvar_range is not None:  # the reference's Hardtanh(low, high): no gradient outside the range
+            logvar = logvar.clamp(*self.logvar_range)
         return mu, logvar
 
 
 class DenseDecoder(nn.Module):
-    """The notebook's decoder (linear from z to 784 logits); `hidden` adds ReLU layers in between.
-    out_channels: channels of the output (default the image's; a likelihood with a mean and a scale per pixel
-    asks for twice as many). num_classes > 0: the one-hot label is appended to z."""
+    """The notebook's decoder (linear from z to 784 logits); `hidden` adds hidden layers in between (ReLU, or gated
+    with gated=true). out_channels: channels of the output (default the image's; a likelihood with a mean and a
+    scale per pixel asks for twice as many). num_classes > 0: the one-hot label is appended to z."""
 
     def __init__(
         self,
@@ -65,16 +119,15 @@ class DenseDecoder(nn.Module):
         hidden: tuple[int, ...] = (),
         out_channels: int | None = None,
         num_classes: int = 0,
+        gated: bool = False,
+        init: str = "default",
     ):
         super().__init__()
         c, h, w = image_shape
         self.image_shape, self.num_classes = (out_channels or c, h, w), num_classes
         sizes = [latent_dim + num_classes, *hidden]
-        layers: list[nn.Module] = []
-        for n_in, n_out in zip(sizes[:-1], sizes[1:]):
-            layers += [nn.Linear(n_in, n_out), nn.ReLU()]
-        layers.append(nn.Linear(sizes[-1], math.prod(self.image_shape)))
-        self.body = nn.Sequential(*layers)
+        self.body = nn.Sequential(*hidden_layers(sizes, gated), nn.Linear(sizes[-1], math.prod(self.image_shape)))
+        initialise(self, init)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes:

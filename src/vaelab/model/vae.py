@@ -1,13 +1,15 @@
 """The variational autoencoder (Kingma & Welling 2014) in plain PyTorch, with its losses and bounds.
 
     q(z|x) = N(mu(x), diag exp(logvar(x)))      the encoder
-    p(z)   = N(0, I)                            the prior
+    p(z)                                        the prior: N(0, I) by default, or a learned mixture (vaelab.model.priors)
     p(x|z)                                      the decoder's output read by a likelihood (vaelab.model.likelihoods)
-    -ELBO(x) = -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z))      in nats per image, the KL in closed form
+    -ELBO(x) = -E_q[log p(x|z)] + beta * KL(q(z|x) || p(z))      in nats per image
     IWAE:   -log p(x) ~ -log (1/K) sum_k w_k,  log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x)  (Burda et al. 2015)
 
-A conditional VAE (Sohn et al. 2015) gives its networks the class label y as well: q(z|x, y), p(x|z, y), the prior
-N(0, I) as before. The `notebook` objective reproduces the Keras teaching notebook exactly (see `notebook_loss`).
+The KL term is in closed form for the standard prior N(0, I); for a mixture prior, which has none, it is the one-sample
+Monte-Carlo estimate log q(z|x) - log p(z) at the reparameterised z the reconstruction term decodes (as the reference
+code of the VampPrior computes it). A conditional VAE (Sohn et al. 2015) gives its networks the class label y as
+well: q(z|x, y), p(x|z, y), the prior N(0, I) as before. The `notebook` objective reproduces the Keras teaching notebook exactly (see `notebook_loss`).
 
 Nothing here imports Lightning, Hydra or the run plumbing: `VAE` is a torch.nn.Module to use as it is.
 """
@@ -23,9 +25,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.model.likelihoods import Likelihood, bits_per_dim, build, dequantize
+from vaelab.model.priors import StandardPrior
+from vaelab.model.priors import build as build_prior
 
 OBJECTIVES = ("elbo", "notebook", "iwae")
 LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """log N(z; mu, diag exp(logvar)) per example, in nats, summed over latent dimensions."""
+    return -0.5 * ((z - mu).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI).sum(dim=-1)
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -75,13 +84,13 @@ def log_weights(
     prior_weight: float = 1.0,
     labels: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(x|z_k) and prior_weight * (log p(z_k) - log q(z_k|x)) for z_k ~ N(mu, exp(logvar)), each [K, B].
-    Reparameterised: gradients flow through z_k (the IWAE objective trains on it). labels: the images' classes, for
-    a conditional VAE (None otherwise)."""
+    """log p(x|z_k) and prior_weight * (log p(z_k) - log q(z_k|x)) for z_k ~ N(mu, exp(logvar)), each [K, B], log p(z)
+    under the VAE's prior. Reparameterised: gradients flow through z_k (the IWAE objective trains on it). labels: the
+    images' classes, for a conditional VAE (None otherwise)."""
     eps = torch.randn((num_samples, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + (0.5 * logvar).exp() * eps
     log_q = -0.5 * (eps.pow(2) + logvar + LOG_2PI).sum(-1)  # (z - mu)^2 / var = eps^2
-    log_prior = -0.5 * (z.pow(2) + LOG_2PI).sum(-1)
+    log_prior = vae.log_prior(z)
     if labels is not None:
         labels = labels.expand(num_samples, *labels.shape).flatten(0, 1)  # as z.flatten(0, 1): sample k of image b
     out = vae.decode(z.flatten(0, 1), labels).float()
@@ -105,9 +114,10 @@ def bounds(
     generator: torch.Generator | None = None,
     labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Per image (float64): recon (averaged over the K samples), the exact KL, and nll_iwae, the IWAE estimate of
-    -log p(x) from K samples, decoded at most `pairs_per_pass` (image, sample) pairs at a time. labels: as
-    log_weights' (then these are the bounds of -log p(x|y))."""
+    """Per image (float64): recon (averaged over the K samples), the KL (exact for the standard prior; for a mixture
+    prior averaged over the same K samples, log q(z_k|x) - log p(z_k)), and nll_iwae, the IWAE estimate of -log p(x)
+    from K samples, decoded at most `pairs_per_pass` (image, sample) pairs at a time. labels: as log_weights' (then
+    these are the bounds of -log p(x|y))."""
     per_pass = min(num_samples, max(1, pairs_per_pass // max(1, target.shape[0])))
     log_px_z, log_ratio = zip(
         *(
@@ -118,7 +128,7 @@ def bounds(
     log_px_z, log_ratio = torch.cat(log_px_z), torch.cat(log_ratio)
     return {
         "recon": -log_px_z.double().mean(0),
-        "kl": gaussian_kl(mu, logvar).double(),
+        "kl": gaussian_kl(mu, logvar).double() if vae.prior.closed_form_kl else -log_ratio.double().mean(0),
         "nll_iwae": iwae_bound(log_px_z + log_ratio),
     }
 
@@ -126,7 +136,8 @@ def bounds(
 class VAE(nn.Module):
     """encode(x) -> (mu, logvar); decode(z) -> the likelihood's parameters; decode_mean(z) -> images;
     sample(n) -> images; loss(x_in, target) -> the batch means of the -ELBO and its parts. A conditional VAE takes the
-    labels y (class indices) as the second argument of each: encode(x, y), decode(z, y), sample(n, labels=y)."""
+    labels y (class indices) as the second argument of each: encode(x, y), decode(z, y), sample(n, labels=y).
+    prior: p(z), a module of vaelab.model.priors (default the standard prior N(0, I))."""
 
     def __init__(
         self,
@@ -140,6 +151,7 @@ class VAE(nn.Module):
         epsilon_std: float = 1.0,
         class_names: list[str] | None = None,
         settings: Mapping[str, Any] | None = None,
+        prior: nn.Module | None = None,
     ):
         super().__init__()
         self.settings = dict(settings or {})  # what it was built from (a checkpoint's hyper_parameters): for reports
@@ -151,13 +163,20 @@ class VAE(nn.Module):
         self.class_names = [str(name) for name in class_names] if class_names else None
         self.conditional = self.class_names is not None
         self.num_classes = len(self.class_names) if self.conditional else 0
+        self.prior = prior if prior is not None else StandardPrior(self.latent_dim)
+        # A mixture prior's KL is log q(z|x) - log p(z) at z ~ q(z|x): z must be drawn from the q it names.
+        if not self.prior.closed_form_kl and (objective == "notebook" or self.conditional or self.epsilon_std != 1.0):
+            raise ValueError(
+                f"the {self.prior.name} prior needs an unconditional VAE with objective elbo or iwae and epsilon_std 1 "
+                f"(got objective={objective}, conditional={self.conditional}, epsilon_std={self.epsilon_std:g})"
+            )
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any], build_network: Callable[..., nn.Module]) -> VAE:
         """The VAE a checkpoint's (or a config's) model settings describe: `encoder` and `decoder` are network
         settings that `build_network(node, **extra)` builds (Hydra's instantiate, or the checkpoint loader's checked
         builder); the other keys are those of conf/model/dense.yaml. Unknown keys (the optimizer, the training
-        schedule) are ignored here."""
+        schedule) are ignored here. `prior`: the prior's settings (vaelab.model.priors.build; none: N(0, I))."""
         conditional = bool(settings.get("conditional", False))
         class_names = settings.get("class_names") if conditional else None
         if conditional and not class_names:
@@ -181,6 +200,7 @@ class VAE(nn.Module):
             epsilon_std=float(settings.get("epsilon_std", 1.0)),
             class_names=class_names,
             settings=settings,
+            prior=build_prior(settings.get("prior"), int(settings["latent_dim"]), image_shape),
         )
 
     @property
@@ -218,9 +238,21 @@ class VAE(nn.Module):
     def sample(
         self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """n images decoded from z ~ N(0, temperature^2 I); a conditional VAE decodes image i with labels[i]."""
-        z = torch.randn(n, self.latent_dim, generator=generator, device=self.device) * temperature
+        """n images decoded from draws of the prior (N(0, temperature^2 I) for the standard prior; a mixture's
+        components widened by the temperature); a conditional VAE decodes image i with labels[i]."""
+        z = self.prior.sample(n, self.encoder, generator, temperature, self.device)
         return self.decode_mean(z, labels)
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z) under this VAE's prior, summed over the latent dimensions: [...] for z [..., latent_dim]."""
+        return self.prior.log_prob(z, self.encoder)
+
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per example: in closed form for the standard prior; otherwise the one-sample Monte-Carlo
+        estimate log q(z|x) - log p(z) at z, the reparameterised draw of q(z|x) the reconstruction decodes."""
+        if self.prior.closed_form_kl:
+            return gaussian_kl(mu, logvar)
+        return gaussian_log_prob(z, mu, logvar) - self.log_prior(z)
 
     def target(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """What the likelihood models: the 8-bit levels themselves, or for a density on [0, 1] the same images
@@ -238,11 +270,13 @@ class VAE(nn.Module):
     def loss_and_posterior(self, x_in: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None = None):
         """(loss parts, mu, logvar): `loss` with the posterior it drew from, for the training objectives."""
         # The loss in fp32 even under bf16 autocast: sums over 784 pixels and the latent are too coarse in bf16.
-        out, mu, logvar = (t.float() for t in self(x_in, y))
+        mu, logvar = self.encode(x_in, y)
+        z = self.reparameterize(mu, logvar)  # as forward() draws it
+        out, mu, logvar, z = (t.float() for t in (self.decode(z, y), mu, logvar, z))
         if self.objective == "notebook":
             return notebook_loss(out, target, mu, logvar), mu, logvar
         recon = self.likelihood.nll(out, target).mean()
-        kl = gaussian_kl(mu, logvar).mean()
+        kl = self.kl(mu, logvar, z).mean()
         return {"loss": recon + self.beta * kl, "recon": recon, "kl": kl}, mu, logvar
 
     def training_loss(
@@ -265,5 +299,7 @@ class VAE(nn.Module):
         parts, mu, logvar = self.loss_and_posterior(x_in, target, y)
         if self.objective == "notebook" or (weight == self.beta and not free_bits):
             return parts["loss"]
+        if free_bits and not self.prior.closed_form_kl:
+            raise ValueError(f"free bits need the KL per latent dimension, which the {self.prior.name} prior does not have")
         kl = free_bits_kl(mu, logvar, free_bits) if free_bits else parts["kl"]
         return parts["recon"] + weight * kl

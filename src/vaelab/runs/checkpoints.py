@@ -120,6 +120,14 @@ MODEL_RULES = {
     for path, (_, rule) in RULES["train"].items()
     if path.count(".") == 1 and path.startswith("model.")
 }
+# The settings a checkpoint records in nested mappings (the prior, the networks' options), with vaelab-train's rules:
+# (part, name) for hyper_parameters.<part>.<name>. The prior is plain data (no _target_): vaelab.model.priors.build
+# makes it from its name, so a checkpoint chooses among vaelab's priors only.
+NESTED_RULES = {
+    tuple(path.split(".")[1:]): rule
+    for path, (_, rule) in RULES["train"].items()
+    if path.startswith(("model.prior.", "model.encoder.", "model.decoder.")) and path.count(".") == 2
+}
 TRAINING_FIELDS = {
     "epoch": (int, "an integer"),
     "global_step": (int, "an integer"),
@@ -151,6 +159,13 @@ def check_contents(checkpoint: dict, where: str, instead: str = "") -> None:
     for name, rule in MODEL_RULES.items():
         if name in hparams and not rule.check(hparams[name]):
             raise refuse(f"its hyper_parameters.{name}={show(hparams[name])} is not {rule.allowed}")
+    prior = hparams.get("prior")
+    if prior is not None and not (isinstance(prior, Mapping) and all(isinstance(k, str) for k in prior)):
+        raise refuse(f"its hyper_parameters.prior={show(prior)[:40]} is not a mapping of the prior's settings")
+    for (part, name), rule in NESTED_RULES.items():
+        node = hparams.get(part)
+        if isinstance(node, Mapping) and name in node and not rule.check(node[name]):
+            raise refuse(f"its hyper_parameters.{part}.{name}={show(node[name])[:40]} is not {rule.allowed}")
     names = hparams.get("class_names")  # a conditional model's classes: plain strings, one per one-hot input
     if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
         raise refuse(f"its hyper_parameters.class_names={show(names)[:40]} is not a list of class names")

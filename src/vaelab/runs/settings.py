@@ -190,6 +190,13 @@ NETWORK_NAMES = Rule(
     "[mypkg.nets]",
 )
 
+PRIORS = ("standard", "vamp", "mog")  # conf/model/prior/<name>.yaml (vaelab.model.priors)
+LOGVAR_RANGE = Rule(
+    lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(_number(x) for x in v) and v[0] < v[1]),
+    "null or [low, high] with low < high",
+    "[-6,2]",
+)
+
 INSPECT_BINARIZE = Rule(
     lambda v: v in (None, "none", "dynamic", "static"),
     "null (as the checkpoint's model was trained), none, dynamic or static",
@@ -243,6 +250,15 @@ RULES: dict[str, dict[str, tuple[str | None, Rule]]] = {
         "model.val_iwae_every_n_epochs": (None, Rule(lambda v: _int(v) and v >= 0, "an integer >= 0 (0: never)", "50")),
         "model.denoise": ("denoise", BOOL),
         "model.conditional": (None, BOOL),
+        "model.prior.name": (None, one_of(*PRIORS)),
+        "model.prior.components": (None, like(POSITIVE_INT, "500")),
+        "model.prior.pseudo_input_mean": (None, between(0, 1, "0.05")),
+        "model.prior.pseudo_input_std": (None, at_least(0, "0.01")),
+        "model.encoder.gated": (None, like(BOOL, "true")),
+        "model.decoder.gated": (None, like(BOOL, "true")),
+        "model.encoder.logvar_range": (None, LOGVAR_RANGE),
+        "model.encoder.init": (None, like(one_of("default", "he"), "he")),
+        "model.decoder.init": (None, like(one_of("default", "he"), "he")),
         "seed": (None, like(INTEGER, "42")),
         "overwrite": (None, BOOL),
         "ckpt_path": (None, like(OPTIONAL_PATH, "outputs/<date>/<time>/checkpoints/last.ckpt")),
@@ -428,11 +444,37 @@ def check_combinations(cfg: DictConfig) -> None:
             f"model.binarize={model.get('binarize')} is recorded in the checkpoint as how the data was prepared, "
             f"so it must be data.binarize ({binarize}); set data.binarize={model.get('binarize')} instead"
         )
+    check_prior(model)
     if objective == "iwae" and model.get("free_bits"):
         raise UserError(
             f"model.free_bits={show(model.free_bits)} applies to the ELBO objective; with model.objective=iwae "
             f"set model.free_bits=0"
         )
+
+
+def check_prior(model: DictConfig) -> None:
+    """model.prior is the config group's choice, and a mixture prior goes with the rest of the model (vaelab-train)."""
+    prior = model.get("prior")
+    if prior is not None and not isinstance(prior, DictConfig):
+        raise UserError(
+            f"model.prior={show(prior)} is not allowed: the prior is a config group, chosen with model/prior=<name> "
+            f"({', '.join(PRIORS)}), e.g. model/prior=vamp"
+        )
+    name = prior.get("name", "standard") if prior is not None else "standard"
+    if name == "standard":
+        return
+    # Its KL term is log q(z|x) - log p(z) at a draw of q(z|x): no closed form, no per-dimension split.
+    for key, value, fine in (
+        ("objective", model.get("objective"), model.get("objective") in ("elbo", "iwae")),
+        ("conditional", model.get("conditional", False), not model.get("conditional", False)),
+        ("free_bits", model.get("free_bits", 0.0), not model.get("free_bits", 0.0)),
+        ("epsilon_std", model.get("epsilon_std", 1.0), model.get("epsilon_std", 1.0) == 1.0),
+    ):
+        if not fine:
+            raise UserError(
+                f"model.{key}={show(value)} does not go with the {name} prior (model/prior={name}), whose KL term is the "
+                f"estimate log q(z|x) - log p(z) at a draw of q(z|x): use model/prior=standard, or the default model.{key}"
+            )
 
 
 # The loggers that need a package vaelab does not install by itself: the class -> (what it is called, the

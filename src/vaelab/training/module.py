@@ -60,11 +60,12 @@ class VAEModule(pl.LightningModule):
         val_iwae_every_n_epochs: int = 0,
         conditional: bool = False,
         class_names: list[str] | None = None,
+        prior: Mapping | None = None,
     ):
         super().__init__()
         class_names = [str(name) for name in class_names] if conditional and class_names else None
         encoder, decoder, optimizer = _plain(encoder), _plain(decoder), _plain(optimizer)
-        likelihood_kwargs = _plain(likelihood_kwargs)
+        likelihood_kwargs, prior = _plain(likelihood_kwargs), _plain(prior)  # prior: conf/model/prior/<name>.yaml, plain data
         # logger=False: the HPARAMS tab gets a flat, stable set of values from the entry point instead.
         self.save_hyperparameters(logger=False)
         self.vae = VAE.from_settings(self.hparams, instantiate)
