@@ -2,10 +2,12 @@
 
 - Every run (and sweep) gets a directory no other run has: the default `<date>/<time>` is claimed with an
   exclusive mkdir (atomic on local and network file systems), `<time>-2`, `-3`, ... when taken.
-- A directory named with hydra.run.dir (or hydra.sweep.dir) that already holds vaelab's outputs is refused,
-  unless overwrite=true, which first removes those outputs.
+- Every run, sweep and sweep-job directory vaelab makes carries a small marker file, `.vaelab`, naming what made it.
 - While a command uses its directory it holds an exclusive lock on it (flock on the directory itself, so no
-  file is added): a second command on the same directory stops in one line.
+  file is added; a sweep's, for as long as the sweep runs): a second command on it stops in one line.
+- A directory named with hydra.run.dir (or hydra.sweep.dir) is locked before anything in it is looked at (one in
+  use is left as it is). If it already holds vaelab's outputs it is refused, unless overwrite=true and it carries
+  vaelab's marker: then it is moved aside whole, to `<dir>.replaced-<YYYYmmdd-HHMMSS>`. Nothing is deleted.
 - `resume_from=<run dir>` continues that run in place with its own saved config and the settings given
   (`resumed`), outside Hydra's command line (`open_session` sets up what Hydra would), and records the resume
   in .hydra/resume-<time>/ only once every check has passed.
@@ -17,44 +19,31 @@ hydra and omegaconf are imported here: it runs at start-up.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import shlex
-import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab.errors import UserError, exit_cleanly, one_line
 from vaelab.files import atomic_write
 from vaelab.runs import settings
-from vaelab.runs.checkpoints import renamed
 from vaelab.runs.hardware import check_accelerator, check_device
+from vaelab.runs.renames import renamed
 
 # What vaelab's commands write into a run directory: a directory holding any of them holds a run.
-OUTPUTS = (
-    ".hydra",
-    "checkpoints",
-    "tensorboard",
-    "images",
-    "metrics.json",
-    "train.log",
-    "eval.json",
-    "eval.log",
-    "noise_error.png",
-    "samples.png",
-    "interpolation.png",
-    "generate.log",
-    "job_status.json",
-    "csv",
-    "mlruns",
-    "wandb",
-)
+OUTPUTS = (".hydra", "checkpoints", "tensorboard", "images", "metrics.json", "train.log", "eval.json", "eval.log")
+OUTPUTS += ("noise_error.png", "samples.png", "interpolation.png", "generate.log", "job_status.json", "csv", "mlruns", "wandb")
 SWEEP_OUTPUTS = ("multirun.yaml", "summary.csv", "summary.md")
 COMMANDS = {"vaelab-train": "train", "vaelab-eval": "eval", "vaelab-generate": "generate"}
+MARKER = ".vaelab"  # vaelab made this directory (overwrite=true replaces nothing else)
 
 
 def outputs_in(directory: Path, names: tuple[str, ...] = OUTPUTS) -> list[str]:
@@ -86,7 +75,7 @@ def claim(directory: Path, unique: bool, setting: str) -> Path:
         ) from None
 
 
-_locks: dict[str, int] = {}
+_locks: dict[str, int] = {}  # realpath -> the open directory whose flock this process holds
 
 
 def lock(directory: Path) -> None:
@@ -106,10 +95,28 @@ def lock(directory: Path) -> None:
     _locks[key] = fd
 
 
-def _remove_outputs(directory: Path, names: list[str]) -> None:
-    for name in names:
-        target = directory / name
-        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+def mark(directory: Path, made_by: str) -> None:
+    """vaelab's marker: this directory is vaelab's own (`made_by`: the command and what it is, e.g. 'vaelab-train run')."""
+    atomic_write(Path(directory) / MARKER, json.dumps({"made_by": made_by, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+
+
+def move_aside(directory: Path, setting: str) -> Path:
+    """Rename a run directory this process has locked to a new sibling `<name>.replaced-<YYYYmmdd-HHMMSS>` (`-2`, ...
+    when taken) and let go of its lock: the path is free for a new directory (claimed and locked afresh)."""
+    directory = Path(os.path.abspath(directory))
+    key = os.path.realpath(directory)
+    name = f"{directory.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside = claim(directory.with_name(name), unique=True, setting=setting)
+    try:
+        os.rename(directory, aside)  # over the empty directory just claimed, so no other can take that name meanwhile
+    except OSError as err:
+        aside.rmdir()
+        raise UserError(
+            f"overwrite=true cannot move {directory} aside to {aside.name}: {err.strerror}; "
+            f"move it yourself, or choose another directory with {setting}"
+        ) from None
+    os.close(_locks.pop(key))  # the lock went with the old directory
+    return aside
 
 
 def _given(config: DictConfig, key: str) -> bool:
@@ -117,7 +124,7 @@ def _given(config: DictConfig, key: str) -> bool:
 
 
 class RunDirectory(HydraCallback):
-    """Hydra callback: check the settings, then claim and lock the run (or sweep) directory, before Hydra
+    """Hydra callback: check the settings, then claim, lock and mark the run (or sweep) directory, before Hydra
     creates or writes anything. (Hydra turns an exception raised here into a warning: the refusals exit.)"""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -136,9 +143,8 @@ class RunDirectory(HydraCallback):
             if config.get("ckpt_path"):  # last: a bad setting is named first, whatever the checkpoint
                 settings.check_checkpoint_file(str(config.ckpt_path))
             directory = self.fresh(
-                config, str(config.hydra.run.dir), _given(config, "hydra.run.dir"), "hydra.run.dir=<dir>", OUTPUTS, app
+                config, str(config.hydra.run.dir), _given(config, "hydra.run.dir"), "hydra.run.dir=<dir>", OUTPUTS
             )
-            lock(directory)
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.run.dir = str(directory)
 
@@ -150,45 +156,55 @@ class RunDirectory(HydraCallback):
             HydraConfig.instance().set_config(config)
             _not_empty(str(config.hydra.sweep.dir), "hydra.sweep.dir")
             directory = self.fresh(
-                config,
-                str(config.hydra.sweep.dir),
-                _given(config, "hydra.sweep.dir"),
-                "hydra.sweep.dir=<dir>",
-                SWEEP_OUTPUTS,
-                app,
-            )
+                config, str(config.hydra.sweep.dir), _given(config, "hydra.sweep.dir"), "hydra.sweep.dir=<dir>", SWEEP_OUTPUTS
+            )  # locked for as long as the sweep runs
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.sweep.dir = str(directory)
                 # each job recomposes its config from these overrides: they must name the claimed directory
                 config.hydra.overrides.hydra.append(f"hydra.sweep.dir='{_quoted(directory)}'")
 
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.mode == RunMode.MULTIRUN:  # Hydra has made the job's directory in the sweep's
+            mark(Path(config.hydra.runtime.output_dir), f"{config.hydra.help.app_name} sweep job")
+
     @staticmethod
-    def fresh(config: DictConfig, directory: str, given: bool, setting: str, names: tuple[str, ...], app: str) -> Path:
-        path = Path(directory)
-        found = outputs_in(path, names) + (
-            [p.name for p in path.iterdir() if p.is_dir() and outputs_in(p)] if names is SWEEP_OUTPUTS and path.is_dir() else []
+    def fresh(config: DictConfig, directory: str, given: bool, setting: str, names: tuple[str, ...]) -> Path:
+        """The directory claimed, locked and marked. A named one that exists is locked first, so one in use is neither
+        read nor moved; holding outputs, it is replaced (moved aside) only as `_replaceable` allows."""
+        path, what = Path(directory), "a sweep" if names is SWEEP_OUTPUTS else "a run"
+        if given and path.is_dir():
+            lock(path)
+            found = outputs_in(path, names) + (
+                [p.name for p in path.iterdir() if p.is_dir() and outputs_in(p)] if what == "a sweep" else []
+            )
+            if found:
+                _replaceable(config, path, found, setting.split("=")[0], what)
+                move_aside(path, setting)
+        claimed = claim(path, unique=not given, setting=f"{setting} or paths.log_dir=<dir>")
+        lock(claimed)
+        mark(claimed, f"{config.hydra.help.app_name} {what[2:]}")
+        return claimed
+
+
+def _replaceable(config: DictConfig, directory: Path, found: list[str], key: str, what: str) -> None:
+    """A directory holding outputs is replaced only with overwrite=true, only if vaelab made it (its marker: names
+    alone may be a user's own folders), and never while it holds the checkpoint the command is about to read."""
+    resume = " (to continue it: vaelab-train resume_from=" + shlex.quote(str(directory)) + ")" if "checkpoints" in found else ""
+    if not (directory / MARKER).is_file():
+        raise UserError(
+            f"{key}={directory} holds {', '.join(found[:3])} but no {MARKER} marker: vaelab did not make it (or an older "
+            f"vaelab did){resume}, so it will not replace it; choose another directory, or move this one aside yourself"
         )
-        if given and found and not config.get("overwrite"):
-            resume = (
-                " (to continue it: vaelab-train resume_from=" + shlex.quote(str(path)) + ")" if "checkpoints" in found else ""
-            )
-            raise UserError(
-                f"{setting.split('=')[0]}={directory} already holds {'a sweep' if names is SWEEP_OUTPUTS else 'a run'} "
-                f"({', '.join(found[:3])}){resume}; choose a new directory, or add overwrite=true to replace it"
-            )
-        if given and found:
-            _keep_inputs(config, path, found)
-            _remove_outputs(path, found)
-        return claim(path, unique=not given, setting=f"{setting} or paths.log_dir=<dir>")
-
-
-def _keep_inputs(config: DictConfig, directory: Path, found: list[str]) -> None:
-    """overwrite=true removes a run's outputs, never the checkpoint the command is about to read."""
+    if not config.get("overwrite"):
+        raise UserError(
+            f"{key}={directory} already holds {what} ({', '.join(found[:3])}){resume}; choose a new directory, "
+            f"or add overwrite=true to replace it"
+        )
     ckpt = config.get("ckpt_path")
     if ckpt and any(os.path.realpath(ckpt).startswith(os.path.realpath(directory / name) + os.sep) for name in found):
         raise UserError(
-            f"overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir={directory}; "
-            f"write the results to another directory (hydra.run.dir=<new dir>)"
+            f"overwrite=true would move away ckpt_path={ckpt}, which is in {key}={directory}; "
+            f"write the results to another directory ({key}=<new dir>)"
         )
 
 
@@ -266,7 +282,7 @@ def resumed(run_dir: Path, overrides: list[str]) -> DictConfig:
         cfg = OmegaConf.load(path)
         if not isinstance(cfg, DictConfig) or "trainer" not in cfg or "model" not in cfg:
             raise ValueError("it is not a vaelab-train config (no model and trainer sections)")
-        renamed(cfg)  # a run of an older vaelab names its classes by their old names
+        cfg = OmegaConf.create(renamed(OmegaConf.to_container(cfg, resolve=False)))  # an older vaelab's class names
     except Exception as err:  # yaml, OSError, ValueError: all mean the same to the user
         raise UserError(
             f"resume_from={run_dir}: its saved config {path} is damaged ({type(err).__name__}: "

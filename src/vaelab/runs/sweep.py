@@ -15,7 +15,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import DISK_ERRNOS, Interrupted, UserError, disk_message, exit_cleanly, one_line, quiet_threads
 from vaelab.files import atomic_write
+from vaelab.runs import workers
+from vaelab.runs.rundir import MARKER
 
 log = logging.getLogger(__name__)
 
@@ -117,10 +118,11 @@ def _one_line(error: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive lock on the sweep directory itself (no lock file left behind): parallel jobs that end at
-    the same moment take turns, so the last summary written is the one that saw every job."""
-    fd = os.open(directory, os.O_RDONLY)
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    """An exclusive lock on the sweep's marker file (the directory's own lock is the sweep's, held while it runs;
+    the marker is made again if someone removed it): parallel jobs that end at the same moment take turns, so the
+    last summary written is the one that saw every job. (Opened for writing: NFS emulates flock with POSIX locks.)"""
+    fd = os.open(sweep_dir / MARKER, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -241,8 +243,8 @@ def job_reporting(prog: str) -> Iterator[None]:
     """Around a command's task. A single run: its errors end the command in one line (here, inside the task,
     because Hydra prints an extra line for a task that raises). A sweep job, in its own process: a UserError
     marks the job failed and the sweep goes on (SweepSummary ends it in one line naming the failures); an
-    interruption marks the job and ends the sweep saying how far it got. In a joblib worker, a watchdog stops the
-    job if the sweep's main process dies (after a SIGKILL no one else would)."""
+    interruption marks the job and ends the sweep saying how far it got, or, in a joblib worker whose sweep has
+    ended (the parent-death signal, `join_sweep`), ends the worker."""
     from hydra.core.hydra_config import HydraConfig
 
     logging.captureWarnings(True)  # library warnings go to the job's log (a joblib worker starts afresh)
@@ -253,8 +255,6 @@ def job_reporting(prog: str) -> Iterator[None]:
         return
     hydra_cfg = HydraConfig.get()
     job_dir, sweep_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra_cfg.sweep.dir)
-    if "joblib" in str(hydra_cfg.launcher.get("_target_", "")):
-        _watch_parent(job_dir, sweep_dir)
     try:
         yield
     except (UserError, OSError) as err:
@@ -269,63 +269,12 @@ def job_reporting(prog: str) -> Iterator[None]:
         raise
     except (Interrupted, KeyboardInterrupt) as err:
         message = str(err) if isinstance(err, Interrupted) else "stopped by SIGINT"
+        if workers.sweep_ended():  # no one is left to report to, or to stop this worker
+            why = f"the sweep's main process ended while this job ran: {message}"
+            _update_status(job_dir, sweep_dir, status="interrupted", error=one_line(why))
+            os._exit(getattr(err, "exit_code", 130))
         _update_status(job_dir, sweep_dir, status="interrupted", error=one_line(message))
         raise Interrupted(f"{message}; {how_far(collect(sweep_dir), sweep_dir)}", getattr(err, "exit_code", 130) - 128) from None
-    finally:
-        _job_done.set()
-
-
-_job_done = threading.Event()
-_watching = False
-
-
-def _watch_parent(job_dir: Path, sweep_dir: Path) -> None:
-    """In a joblib worker: once the sweep's main process is gone, mark this job interrupted, stop its training
-    cleanly (SIGTERM, which Lightning handles at the next batch) and end the worker."""
-    global _watching
-    _job_done.clear()
-    parent = os.getppid()
-    _current[:] = [job_dir, sweep_dir]
-    if _watching:
-        return
-    _watching = True
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        job, sweep = _current
-        if not _job_done.is_set():
-            _update_status(job, sweep, status="interrupted", error="the sweep's main process ended while this job ran")
-            os.kill(os.getpid(), signal.SIGTERM)
-            _job_done.wait(timeout=60)
-        os._exit(143)
-
-    threading.Thread(target=watch, name="vaelab-parent-watch", daemon=True).start()
-
-
-_current: list[Path] = []
-
-
-def _children() -> list[int]:
-    pids = []
-    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
-        with contextlib.suppress(OSError):
-            pids += [int(pid) for pid in (task / "children").read_text().split()]
-    return pids
-
-
-def _command(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] not in "ZX"
-    except OSError:
-        return False
 
 
 class SweepSummary(Callback):
@@ -335,7 +284,8 @@ class SweepSummary(Callback):
     The summary is rewritten as each job ends, in the job's own process (with the joblib launcher, a worker),
     because Hydra's basic sweeper raises after a batch with a failed job and never calls on_multirun_end;
     on_multirun_end writes it once more, and marks jobs that never reported as interrupted. A joblib sweep's main
-    process passes SIGTERM or SIGINT on to its workers, waits for them to stop their jobs cleanly, and exits.
+    process passes SIGTERM or SIGINT on to its workers, waits for them to stop their jobs cleanly, and exits; its
+    workers end with it however it ends (vaelab.runs.workers).
     """
 
     @staticmethod
@@ -344,9 +294,12 @@ class SweepSummary(Callback):
 
     def __init__(self, fail_on_failed_jobs: bool = True):
         self.fail_on_failed_jobs = fail_on_failed_jobs  # false for a search whose failed trials are part of it (Optuna)
+        self.sweep_pid: int | None = None  # a joblib sweep's main process (the workers get it with this callback)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if "joblib" in str(config.hydra.launcher.get("_target_", "")):
+            self.sweep_pid = os.getpid()
+            workers.start_with_initializer(self.sweep_pid)
             sweep_dir, app = Path(config.hydra.sweep.dir), config.hydra.help.app_name
             handler = lambda signum, frame: self.stop_workers(signum, sweep_dir, app)  # noqa: E731
             signal.signal(signal.SIGTERM, handler)
@@ -360,16 +313,16 @@ class SweepSummary(Callback):
         stderr = os.dup(2)
         with open(os.devnull, "w") as devnull:
             os.dup2(devnull.fileno(), 2)
-        workers = _children()
-        for pid in workers:
+        started = workers.children()
+        for pid in started:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         running = lambda: [r for r in collect(sweep_dir) if r["status"] == "running"]  # noqa: E731
-        while time.monotonic() < deadline and running() and any(_alive(pid) for pid in workers):
+        while time.monotonic() < deadline and running() and any(workers.alive(pid) for pid in started):
             time.sleep(0.2)
-        for pid in _children():  # workers that took the next job meanwhile, loky's helpers
-            if _command(pid) == "pgrep":  # loky's own process-tree kill: ended, it makes loky print a traceback
+        for pid in workers.children():  # workers that took the next job meanwhile, loky's helpers
+            if workers.command(pid) == "pgrep":  # loky's own process-tree kill: ended, it makes loky print a traceback
                 continue
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
@@ -380,6 +333,8 @@ class SweepSummary(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not self._is_multirun(config):
             return
+        if self.sweep_pid is not None:
+            workers.join_sweep(self.sweep_pid)  # no job starts once the sweep has ended
         job_dir = Path(config.hydra.runtime.output_dir)
         _write_json(
             job_dir / STATUS_FILE,
