@@ -9,10 +9,11 @@ import json
 import shutil
 
 import torch
-from conftest import REPO, read_metrics, run_cli
 
+from conftest import REPO, read_metrics, run_cli
 from vaelab.model.vae import VAE
-from vaelab.runs.checkpoints import RENAMED, current_name, load_vae, read_checkpoint
+from vaelab.runs.checkpoints import load_vae, read_checkpoint
+from vaelab.runs.renames import RENAMED, current_name
 
 FIXTURE = REPO / "tests" / "fixtures" / "run-4c48284"
 CHECKPOINT = FIXTURE / "checkpoints" / "last.ckpt"

@@ -54,6 +54,7 @@ def hparams_of(cfg: DictConfig) -> dict[str, int | float | str | bool]:
         "free_bits": float(cfg.model.get("free_bits", 0.0)),
         "num_samples": int(cfg.model.get("num_samples", 1)),
         "conditional": bool(cfg.model.get("conditional", False)),
+        "prior": str(OmegaConf.select(cfg, "model.prior.name", default="standard")),
     }
 
 

@@ -17,7 +17,7 @@ import importlib
 import io
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,54 +26,13 @@ from hydra.utils import instantiate
 
 from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
 from vaelab.model.vae import VAE
+from vaelab.runs.renames import renamed
 from vaelab.runs.settings import CHECKPOINT_HINT, RULES
 
 NETWORK_MODULES = ("vaelab.model.networks", "torch.nn")
 PLAIN = (str, int, float, bool, type(None))
 SPECIAL_KEYS = {"_target_", "_args_", "_recursive_", "_convert_"}
 HINT = CHECKPOINT_HINT
-
-
-# What vaelab's classes were called before the redesign (4c48284 and earlier): checkpoints and saved run configs
-# name them so. Read wherever a name is read from disk (read_checkpoint, the resumed run config), never guessed.
-RENAMED_MODULES = {
-    "vaelab.networks": "vaelab.model.networks",
-    "vaelab.image_folder": "vaelab.data.image_folder",
-}
-RENAMED = {
-    "vaelab.module.VAE": "vaelab.training.module.VAEModule",
-    "vaelab.data.MNISTLike": "vaelab.data.mnist.MNISTLike",
-    "vaelab.data.TorchvisionData": "vaelab.data.torchvision_data.TorchvisionData",
-    "vaelab.checkpoints.AtomicCheckpointIO": "vaelab.runs.checkpoint_io.AtomicCheckpointIO",
-    **{
-        f"vaelab.callbacks.{name}": f"vaelab.pictures.grids.{name}"
-        for name in ("Reconstructions", "NoisyReconstructions", "Interpolation", "Samples")
-    },
-    **{f"vaelab.callbacks.{name}": f"vaelab.pictures.latent_maps.{name}" for name in ("LatentMap", "Traversals")},
-    "vaelab.callbacks.NotebookPictures": "vaelab.pictures.notebook.NotebookPictures",
-    "vaelab.rundir.RunDirectory": "vaelab.runs.rundir.RunDirectory",
-    "vaelab.sweep.SweepSummary": "vaelab.runs.sweep.SweepSummary",
-}
-
-
-def current_name(target: str) -> str:
-    """The name today of a class an older vaelab wrote as `target` (itself when it was not renamed)."""
-    module, _, name = target.rpartition(".")
-    return RENAMED.get(target) or (f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target)
-
-
-def renamed(node: Any) -> Any:
-    """`node` (plain data or an OmegaConf container, changed in place) with every old `_target_` given its name today."""
-    if isinstance(node, Sequence) and not isinstance(node, str):
-        for value in node:
-            renamed(value)
-    elif isinstance(node, Mapping):
-        target = node.get("_target_")
-        if isinstance(target, str) and current_name(target) != target:
-            node["_target_"] = current_name(target)
-        for value in node.values():
-            renamed(value)
-    return node
 
 
 def read_checkpoint(path: str | Path, key: str) -> dict:

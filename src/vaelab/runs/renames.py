@@ -1,0 +1,47 @@
+"""What vaelab's classes were called before the redesign, and their names today: one table, read wherever a class name
+is read from disk (a checkpoint's hyper_parameters, a resumed run's saved config). Plain Python: start-up imports it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# What vaelab's classes were called before the redesign (4c48284 and earlier): checkpoints and saved run configs
+# name them so. Read wherever a name is read from disk (read_checkpoint, the resumed run config), never guessed.
+RENAMED_MODULES = {
+    "vaelab.networks": "vaelab.model.networks",
+    "vaelab.image_folder": "vaelab.data.image_folder",
+}
+RENAMED = {
+    "vaelab.module.VAE": "vaelab.training.module.VAEModule",
+    "vaelab.data.MNISTLike": "vaelab.data.mnist.MNISTLike",
+    "vaelab.data.TorchvisionData": "vaelab.data.torchvision_data.TorchvisionData",
+    "vaelab.checkpoints.AtomicCheckpointIO": "vaelab.runs.checkpoint_io.AtomicCheckpointIO",
+    **{
+        f"vaelab.callbacks.{name}": f"vaelab.pictures.grids.{name}"
+        for name in ("Reconstructions", "NoisyReconstructions", "Interpolation", "Samples")
+    },
+    **{f"vaelab.callbacks.{name}": f"vaelab.pictures.latent_maps.{name}" for name in ("LatentMap", "Traversals")},
+    "vaelab.callbacks.NotebookPictures": "vaelab.pictures.notebook.NotebookPictures",
+    "vaelab.rundir.RunDirectory": "vaelab.runs.rundir.RunDirectory",
+    "vaelab.sweep.SweepSummary": "vaelab.runs.sweep.SweepSummary",
+}
+
+
+def current_name(target: str) -> str:
+    """The name today of a class an older vaelab wrote as `target` (itself when it was not renamed)."""
+    module, _, name = target.rpartition(".")
+    return RENAMED.get(target) or (f"{RENAMED_MODULES[module]}.{name}" if module in RENAMED_MODULES else target)
+
+
+def renamed(node: Any) -> Any:
+    """`node` (plain data: dicts and lists, changed in place) with every old `_target_` given its name today."""
+    if isinstance(node, list):
+        for value in node:
+            renamed(value)
+    elif isinstance(node, dict):
+        target = node.get("_target_")
+        if isinstance(target, str) and current_name(target) != target:
+            node["_target_"] = current_name(target)
+        for value in node.values():
+            renamed(value)
+    return node
