@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError, recorded, stopped_by_signals
+from vaelab.pictures.png import save_png
 from vaelab.runs import rundir, settings
 from vaelab.runs.checkpoints import load_vae
 from vaelab.runs.hardware import resolve_device
@@ -48,9 +49,6 @@ def class_index(label, class_names: list[str] | None, ckpt_path: str) -> int:
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Write samples.png (and interpolation.png); returns the written paths by name."""
-    # imported here: torchvision (which the pictures need too) takes seconds to import
-    from torchvision.utils import save_image
-
     from vaelab.evaluation.test_data import test_set
     from vaelab.model.latent import interpolation_rows
 
@@ -75,7 +73,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     samples = vae.sample(n, temperature=float(cfg.temperature), generator=generator, labels=labels)
     nrow = int(cfg.nrow) if cfg.nrow else math.ceil(math.sqrt(int(cfg.num_samples)))
     written["samples"] = output_dir / "samples.png"
-    save_image(samples, written["samples"], nrow=nrow, padding=2)
+    save_png(samples, written["samples"], nrow=nrow, padding=2)
 
     if cfg.interpolate:
         images, test_labels = test_set(cfg, vae)
@@ -85,7 +83,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
             vae, chosen[0::2], chosen[1::2], int(cfg.num_steps), start_labels=chosen_labels[0::2], end_labels=chosen_labels[1::2]
         )
         written["interpolation"] = output_dir / "interpolation.png"
-        save_image(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
+        save_png(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
 
     for path in written.values():
         log.info("wrote %s", path)

@@ -1,6 +1,6 @@
 """What every picture shares: each picture (grids.py, latent_maps.py, notebook.py) is a Lightning callback with its own config in conf/callbacks/. They share one pattern
 (`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
-images; every `every_n_epochs` validation epochs a torchvision grid is drawn in eval mode without
+images; every `every_n_epochs` validation epochs a grid (vaelab.pictures.png) is drawn in eval mode without
 gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter and saved with the
 same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
 
@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
-from torchvision.utils import make_grid, save_image
 
 from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError
 from vaelab.model.vae import VAE
+from vaelab.pictures.png import make_grid, save_png
 
 PADDING = 2  # pixels between the cells (images of any size, grey or RGB) of every grid
 PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
@@ -113,7 +113,7 @@ class PictureCallback(Callback):
 
     def log_image(self, trainer: Trainer, tag: str, image: torch.Tensor, suffix: str | None) -> None:
         image = image.detach().float().cpu()
-        # save_image's own rounding, done once here: TensorBoard and the PNG then hold the same pixels
+        # save_png's (torchvision's save_image's) rounding, done once here: TensorBoard and the PNG then hold the same pixels
         # (SummaryWriter would truncate floats to uint8 instead of rounding them).
         pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
         for writer in tensorboard_writers(trainer):
@@ -121,7 +121,7 @@ class PictureCallback(Callback):
         image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
         image_dir.mkdir(parents=True, exist_ok=True)
         stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
-        save_image(image, image_dir / f"{stem}.png")
+        save_png(image, image_dir / f"{stem}.png")
 
 
 def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
