@@ -1,12 +1,13 @@
 # Command 1: `make train` sets everything up (venv, packages, Fashion-MNIST) and trains the default experiment.
-# Command 2: `make test` sets everything up and runs the test suite.
+# Command 2: `make test` sets everything up, checks the style and runs the whole test suite (what CI runs).
+# While editing: `make check`, the in-process tests alone (about a minute; `make test` takes about a quarter of an hour).
 VENV ?= .venv
 PYTHON ?= python3
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS ?=
 
-.PHONY: setup data train test bench
+.PHONY: setup data train check test bench
 setup: $(VENV)/.installed data
 
 $(VENV)/.installed: pyproject.toml
@@ -23,10 +24,14 @@ data:
 train: setup
 	$(VENV)/bin/vaelab-train $(ARGS)
 
+# The fast tier: no test that starts a process (marked `shell` by tests/conftest.py) and none marked `slow`.
+check: setup
+	$(VENV)/bin/pytest -q -m "not shell and not slow"
+
 test: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 bench: setup
 	$(VENV)/bin/python benchmarks/epoch_time.py

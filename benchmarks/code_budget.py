@@ -13,7 +13,19 @@ from pathlib import Path
 
 # The plumbing: what the issue counts as run plumbing (errors, schema, rundir, checkpoints, guards, sweep,
 # hardware, cli before the redesign; runs/, commands/ and errors.py after it).
-FLAT_PLUMBING = {"errors", "schema", "rundir", "checkpoints", "guards", "sweep", "hardware", "cli", "train", "evaluate", "generate"}
+FLAT_PLUMBING = {
+    "errors",
+    "schema",
+    "rundir",
+    "checkpoints",
+    "guards",
+    "sweep",
+    "hardware",
+    "cli",
+    "train",
+    "evaluate",
+    "generate",
+}
 
 
 def is_plumbing(path: Path, root: Path) -> bool:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,17 +207,25 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 def dense_vae(latent_dim: int = 3, image_shape=(1, 4, 4), lr: float = 1e-2, **kwargs):
-    """A small dense VAE built in-process (no config), for unit tests of the module and its guards."""
-    from vaelab.model.vae import VAE
+    """A small dense VAE built in-process (no config): the Lightning module, for unit tests of training and its
+    guards; its `.vae` is the plain VAE (vaelab.model.vae.VAE) for tests of the model alone."""
+    from vaelab.training.module import VAEModule
 
     net = {"latent_dim": latent_dim, "image_shape": list(image_shape)}
-    return VAE(
+    return VAEModule(
         encoder={"_target_": "vaelab.model.networks.DenseEncoder", **net},
         decoder={"_target_": "vaelab.model.networks.DenseDecoder", **net},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True, "lr": lr},
         latent_dim=latent_dim,
         **kwargs,
     )
+
+
+def idx_bytes(array, magic: int) -> bytes:
+    """A uint8 tensor as an IDX file's bytes (the format of MNIST and its family): magic, sizes, data."""
+    import struct
+
+    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.numpy().tobytes()
 
 
 def run_with_file_limit(kib: int, *args: str) -> subprocess.CompletedProcess:
@@ -280,3 +291,53 @@ def rgb_run(tmp_path_factory) -> tuple[Path, Path]:
         "batch_size=32",
     )
     return run_dir, folder
+
+
+# --- the two tiers ---------------------------------------------------------------------------------------------
+# `make check` runs the in-process tests (`-m "not shell and not slow"`), `make test` all of them. A test is a shell
+# test when it starts a process (a console script, a subprocess), directly, through a fixture it uses, or through a
+# function of its module or of this file; it is marked here from the source, so no one has to remember the marker.
+# A fixture asked for by name while the test runs (request.getfixturevalue) is unknown here: such a test counts as one.
+# (A multiprocessing pool running a function of the test is in-process: quick, and no command is started.)
+STARTS_A_PROCESS = re.compile(
+    r"\bsubprocess\.(?:run|Popen|call|check_call|check_output)\(|(?<![\w.])Popen\(|\bos\.(?:system|fork|exec\w*|spawn\w*)\("
+    r"|\.getfixturevalue\("
+)
+
+
+def _starts_a_process(source: str, starters: frozenset[str]) -> bool:
+    calls = starters and re.search(r"(?<![\w.])(?:" + "|".join(map(re.escape, sorted(starters))) + r")\(", source)
+    return bool(STARTS_A_PROCESS.search(source) or calls)
+
+
+@functools.cache
+def process_starters(module) -> frozenset[str]:
+    """The names of `module`'s own functions that start a process, directly or through one another (or through one
+    of this file's)."""
+    own = {
+        name: inspect.getsource(value)
+        for name, value in vars(module).items()
+        if inspect.isfunction(value) and value.__module__ == module.__name__
+    }
+    starters = frozenset() if module is sys.modules[__name__] else process_starters(sys.modules[__name__])
+    while True:
+        more = {name for name, source in own.items() if name not in starters and _starts_a_process(source, starters)}
+        if not more:
+            return starters
+        starters |= more
+
+
+@functools.cache  # one answer per function: parametrized tests and shared fixtures are read once
+def starts_a_process(function) -> bool:
+    return _starts_a_process(inspect.getsource(function), process_starters(inspect.getmodule(function)))
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+        ours = [
+            f for f in [item.function, *fixtures] if Path(inspect.getsourcefile(f) or "/").is_relative_to(tests)
+        ]  # not pytest's
+        if any(starts_a_process(f) for f in ours):
+            item.add_marker(pytest.mark.shell)

@@ -71,6 +71,24 @@ def test_the_wheel_carries_the_configs(venv):
     assert shipped == {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
 
 
+SUB_PACKAGES = ("model", "data", "pictures", "evaluation", "training", "runs", "commands")
+
+
+def test_the_wheel_carries_every_module_of_every_sub_package(venv):
+    """Every module of src/vaelab is in the wheel, in its sub-package, and imports from the installed copy."""
+    python = str(venv / "bin" / "python")
+    installed = Path(run([python, "-c", "import vaelab; print(vaelab.__file__)"], cwd=venv).stdout.strip()).parent
+    source = REPO / "src" / "vaelab"
+    shipped = {p.relative_to(installed).as_posix() for p in installed.rglob("*.py")}
+    assert shipped == {p.relative_to(source).as_posix() for p in source.rglob("*.py")}
+    assert {f"{name}/__init__.py" for name in SUB_PACKAGES} <= shipped
+    modules = sorted("vaelab." + p.removesuffix(".py").removesuffix("/__init__").replace("/", ".") for p in shipped)
+    assert {"vaelab.model.vae", "vaelab.training.module", "vaelab.runs.settings", "vaelab.commands.cli"} <= set(modules)
+    imports = "import importlib, sys\nfor name in sys.argv[1:]:\n    print(importlib.import_module(name).__file__)"
+    found = run([python, "-c", imports, *modules], cwd=venv).stdout.split()
+    assert len(found) == len(modules) and all(Path(path).is_relative_to(installed) for path in found)
+
+
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make data)")
 def test_installed_commands_run_from_any_directory(venv, tmp_path):
     """README, Install: outputs under the directory it is started from (or VAELAB_ROOT), the data cache in its

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from conftest import DATA_DIR, REPO, default_signals, one_line, run_cli
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "run-4c48284" / "checkpoints" / "last.ckpt"

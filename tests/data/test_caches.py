@@ -191,6 +191,7 @@ def fashion():
     return datamodule
 
 
+@pytest.mark.slow  # trains the classifier in-process (about 7 s each)
 @pytest.mark.parametrize(
     "damage, why",
     [

@@ -25,12 +25,10 @@ def _run(prog: str, module: str, config_name: str) -> None:
         _quiet()
 
         import hydra
+        from omegaconf.errors import OmegaConfBaseException
 
         import vaelab.runs.settings  # noqa: F401  registers the schemas and resolvers the configs use
         from vaelab import CONF_DIR
-
-        from omegaconf.errors import OmegaConfBaseException
-
         from vaelab.errors import message_for, one_line
 
         started = []

@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     rundir.lock(output_dir)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
-    class_names = vae.hparams.get("class_names") if vae.conditional else None
+    class_names = vae.class_names  # None for an unconditional VAE
     n = int(cfg.num_samples)
     labels = None
     if cfg.get("label") is not None:

@@ -29,6 +29,7 @@ def fashion():
     return datamodule
 
 
+@pytest.mark.slow  # 6 s: trains the classifier
 def test_trained_once_then_read_from_the_cache(fashion, tmp_path, monkeypatch):
     model, test_accuracy = load_or_train_classifier(fashion, cache_dir=tmp_path, **SMALL)
     assert test_accuracy > SMALL_ACCURACY
@@ -55,6 +56,7 @@ def test_the_same_seed_gives_the_same_classifier(fashion):
     assert predict(first, images[:50]).shape == (50,)
 
 
+@pytest.mark.slow  # 4 s: trains the classifier twice
 def test_a_damaged_cache_is_trained_again(fashion, tmp_path, caplog):
     load_or_train_classifier(fashion, cache_dir=tmp_path, **TINY)
     (path,) = tmp_path.iterdir()
@@ -68,13 +70,14 @@ def test_a_damaged_cache_is_trained_again(fashion, tmp_path, caplog):
 
 def test_a_cache_of_another_shape_is_not_trusted(tmp_path, caplog):
     path = tmp_path / "foreign.pt"
-    record = {"version": classifier.CACHE_VERSION, "image_shape": [3, 32, 32], "num_classes": 10}
-    record["state_dict"], record["test_accuracy"] = Classifier((3, 32, 32), 10).state_dict(), 0.5
-    torch.save(record, path)
+    record = {"image_shape": [3, 32, 32], "num_classes": 10, "classes": None, "dataset": "CIFAR10", "test_accuracy": 0.5}
+    record |= {k: 1 for k in ("train_images", "train_seconds", "epochs", "seed", "batch_size", "lr")}
+    record["state_dict"] = Classifier((3, 32, 32), 10).state_dict()
+    path.write_bytes(classifier.CACHE.pack("key", record))
     with caplog.at_level(logging.WARNING, logger="vaelab.evaluation.classifier"):
-        assert classifier.read_cache(path, (1, 28, 28), torch.device("cpu")) is None
-    assert "image shape (3, 32, 32), expected (1, 28, 28)" in caplog.text
-    assert classifier.read_cache(path, (3, 32, 32), torch.device("cpu")) is not None
+        assert classifier.read_cache(path, "key", (1, 28, 28), 10) is None
+    assert "image_shape is [3, 32, 32], expected [1, 28, 28]" in caplog.text
+    assert classifier.read_cache(path, "key", (3, 32, 32), 10) is not None
 
 
 class OneClass(TensorData):

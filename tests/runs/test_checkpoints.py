@@ -15,7 +15,8 @@ import torch
 from conftest import FAST, run_cli
 from vaelab.errors import UserError
 from vaelab.model.networks import DenseEncoder
-from vaelab.runs.checkpoints import AtomicCheckpointIO, check_buildable, load_vae, network_class, read_checkpoint
+from vaelab.runs.checkpoint_io import AtomicCheckpointIO
+from vaelab.runs.checkpoints import check_buildable, load_vae, network_class, read_checkpoint
 
 MODULE = """
 from pathlib import Path
@@ -177,7 +178,7 @@ def test_a_users_own_network_loads_when_allowed(tmp_path, trained_run, user_modu
     )
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["state_dict"] = {
-        k.replace("encoder.", "encoder.inner.", 1) if k.startswith("encoder.") else k: v
+        k.replace("vae.encoder.", "vae.encoder.inner.", 1) if k.startswith("vae.encoder.") else k: v
         for k, v in checkpoint["state_dict"].items()
     }
     torch.save(checkpoint, path)
@@ -225,7 +226,7 @@ def test_evaluation_never_builds_the_optimizer(tmp_path, trained_run):
         tmp_path / "m",
         lambda hp: hp.__setitem__("optimizer", {"_target_": "os.system", "_args_": ["true"]}),
     )
-    assert load_vae(path).hparams.get("optimizer") is None
+    assert load_vae(path).settings.get("optimizer") is None
 
 
 def test_atomic_checkpoint_io_leaves_the_old_file_whole_when_a_write_fails(tmp_path, monkeypatch):
@@ -254,8 +255,14 @@ def tampered_copy(run_dir: Path, change, path: Path) -> Path:
 
 # A checkpoint's contents are data like any setting: each field the commands read, tampered with.
 TAMPERED = {
-    "weights that are not tensors": (lambda c: c["state_dict"].__setitem__("encoder.heads.weight", 5), "its state_dict is not"),
-    "NaN weights": (lambda c: c["state_dict"]["encoder.heads.weight"].fill_(float("nan")), "its weights hold NaN or infinite"),
+    "weights that are not tensors": (
+        lambda c: c["state_dict"].__setitem__("vae.encoder.heads.weight", 5),
+        "its state_dict is not",
+    ),
+    "NaN weights": (
+        lambda c: c["state_dict"]["vae.encoder.heads.weight"].fill_(float("nan")),
+        "its weights hold NaN or infinite",
+    ),
     "a latent_dim that is text": (
         lambda c: c["hyper_parameters"].__setitem__("latent_dim", "abc"),
         "hyper_parameters.latent_dim='abc'",

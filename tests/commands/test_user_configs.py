@@ -76,7 +76,7 @@ def test_a_users_model_trains_resumes_and_loads_only_when_allowed(user_dir):
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
     weights = torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert weights["hyper_parameters"]["encoder"]["_target_"] == "mynets.TinyEncoder"
-    assert weights["state_dict"]["encoder.body.1.weight"].shape == (64, 784)  # the user's own hidden layer
+    assert weights["state_dict"]["vae.encoder.body.1.weight"].shape == (64, 784)  # the user's own hidden layer
 
     refused = run_cli(f"ckpt_path={checkpoint}", tool="vaelab-eval", cwd=user_dir, env=env, check=False)
     line = one_line(refused, "vaelab-eval: error: refusing to build 'mynets.TinyEncoder': a checkpoint may only build ")

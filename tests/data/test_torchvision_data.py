@@ -1,129 +1,14 @@
-"""Data discovery, IDX reading and its errors on synthetic files; batching from in-memory tensors."""
+"""Other torchvision datasets by name (vaelab.data.torchvision_data.TorchvisionData): from a local copy in
+torchvision's own format, converted once into a cache; nothing is ever downloaded."""
 
-import gzip
-import struct
 from pathlib import Path
 
 import pytest
 import torch
 
-from vaelab.data.mnist import IDX_FILES, MNISTLike, locate, read_idx
-from vaelab.data.tensors import TensorBatches
+from conftest import idx_bytes
+from vaelab.data.mnist import IDX_FILES, locate, read_idx
 from vaelab.errors import UserError
-
-
-def idx_bytes(array: torch.Tensor, magic: int) -> bytes:
-    return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.numpy().tobytes()
-
-
-def write_idx_set(folder: Path, compress: bool, n_train: int = 60000, n_test: int = 10000) -> dict:
-    """Four IDX files of the real sizes with recognisable contents (image i filled with i % 256)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for (split, kind), (stem, magic, shape) in IDX_FILES.items():
-        n = shape[0]
-        values = torch.arange(n, dtype=torch.int64) % 256
-        array = (
-            values.view(n, 1, 1).expand(shape).to(torch.uint8).contiguous() if kind == "images" else (values % 10).to(torch.uint8)
-        )
-        tensors[(split, kind)] = array
-        data = idx_bytes(array, magic)
-        if compress:
-            (folder / f"{stem}.gz").write_bytes(gzip.compress(data, compresslevel=1))
-        else:
-            (folder / stem).write_bytes(data)
-    return tensors
-
-
-@pytest.fixture(scope="module")
-def system_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("debian") / "fashion-mnist"
-    write_idx_set(folder, compress=True)
-    return folder
-
-
-def test_debian_files_are_decompressed_once_into_torchvision_layout(tmp_path, system_dir):
-    raw = locate(tmp_path, "FashionMNIST", str(system_dir), download=False)
-    assert raw == tmp_path / "FashionMNIST" / "raw"
-    stems = sorted(p.name for p in raw.iterdir())
-    assert stems == sorted(stem for stem, _, _ in IDX_FILES.values())
-    before = {p.name: p.stat().st_mtime_ns for p in raw.iterdir()}
-    assert locate(tmp_path, "FashionMNIST", str(system_dir), download=False) == raw
-    assert {p.name: p.stat().st_mtime_ns for p in raw.iterdir()} == before  # not decompressed again
-
-
-def test_data_dir_wins_over_system_dir(tmp_path, system_dir):
-    write_idx_set(tmp_path / "FashionMNIST" / "raw", compress=False)
-    assert locate(tmp_path, "FashionMNIST", str(tmp_path / "nowhere"), download=False) == tmp_path / "FashionMNIST" / "raw"
-
-
-def test_missing_data_names_three_ways(tmp_path):
-    with pytest.raises(UserError) as err:
-        locate(tmp_path, "FashionMNIST", str(tmp_path / "nowhere"), download=False)
-    message = str(err.value)
-    assert str(tmp_path / "FashionMNIST" / "raw") in message
-    assert "(1)" in message and "apt-get install dataset-fashion-mnist" in message and "data.download=true" in message
-
-
-def test_truncated_idx_file_is_named(tmp_path):
-    good = idx_bytes(torch.zeros(10, 28, 28, dtype=torch.uint8), 2051)
-    path = tmp_path / "train-images-idx3-ubyte"
-    path.write_bytes(good[:-1])
-    with pytest.raises(UserError, match=f"{path}.*truncated"):
-        read_idx(path, 2051, (10, 28, 28))
-
-
-def test_wrong_magic_is_named(tmp_path):
-    path = tmp_path / "t10k-labels-idx1-ubyte"
-    path.write_bytes(idx_bytes(torch.zeros(10, dtype=torch.uint8), 2051))
-    with pytest.raises(UserError, match=f"{path}: IDX magic number is 2051, expected 2049"):
-        read_idx(path, 2049, (10,))
-
-
-def test_wrong_shape_is_named(tmp_path):
-    path = tmp_path / "t10k-labels-idx1-ubyte"
-    path.write_bytes(idx_bytes(torch.zeros(9, dtype=torch.uint8), 2049))
-    with pytest.raises(UserError, match=r"shape \(9,\), expected \(10,\)"):
-        read_idx(path, 2049, (10,))
-
-
-def test_datamodule_splits_scales_and_keeps_labels(tmp_path, system_dir):
-    dm = MNISTLike(data_dir=str(tmp_path), system_dir=str(system_dir), batch_size=100, val_size=5000)
-    dm.prepare_data()
-    dm.setup()
-    (xtr, ytr), (xva, _), (xte, _) = dm.train_set, dm.val_set, dm.test_set
-    assert xtr.shape == (55000, 1, 28, 28) and xva.shape == (5000, 1, 28, 28) and xte.shape == (10000, 1, 28, 28)
-    assert xtr.dtype == torch.float32 and 0 <= xtr.min() and xtr.max() <= 1
-    # image i is filled with (i % 256) / 255 and labelled i % 10: the pairs survive the split
-    assert torch.equal((xtr[:, 0, 0, 0] * 255).round().long() % 10, ytr)
-    # the split is fixed by split_seed: a second module gets the same validation images
-    dm2 = MNISTLike(data_dir=str(tmp_path), system_dir=str(system_dir), val_size=5000)
-    dm2.setup()
-    assert torch.equal(dm2.val_set[0], xva)
-
-
-def test_tensor_batches_cover_everything_once_and_reshuffle_by_epoch():
-    x, y = torch.arange(10).float().view(10, 1), torch.arange(10)
-    epoch = [0]
-    batches = TensorBatches(x, y, batch_size=4, shuffle=True, seed=1, epoch_fn=lambda: epoch[0])
-    assert len(batches) == 3
-    first = torch.cat([b[1] for b in batches])
-    assert sorted(first.tolist()) == list(range(10))
-    assert torch.equal(torch.cat([b[1] for b in batches]), first)  # same epoch, same order
-    epoch[0] = 1
-    assert not torch.equal(torch.cat([b[1] for b in batches]), first)
-    ordered = TensorBatches(x, y, batch_size=4, shuffle=False)
-    assert torch.cat([b[1] for b in ordered]).tolist() == list(range(10))
-
-
-def test_tensor_batches_shard_across_ranks():
-    x, y = torch.arange(10).float().view(10, 1), torch.arange(10)
-    shards = [torch.cat([b[1] for b in TensorBatches(x, y, 2, True, seed=3, rank=r, world_size=2)]) for r in range(2)]
-    assert len(shards[0]) == len(shards[1]) == 5
-    assert sorted(torch.cat(shards).tolist()) == list(range(10))
-
-
-# --- other torchvision datasets by name (vaelab.data.torchvision_data.TorchvisionData); nothing is ever downloaded -----------------
 
 OFFLINE = {  # a proxy on a closed port: a download fails at once, even where the internet is
     **{k: "http://127.0.0.1:9" for k in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
@@ -153,7 +38,7 @@ def tiny_kmnist(tmp_path_factory) -> tuple[Path, dict]:
 def test_a_torchvision_dataset_loads_from_a_local_copy_once_then_from_its_cache(tiny_kmnist, monkeypatch, caplog):
     import torchvision
 
-    import vaelab.data.mnist as data
+    import vaelab.data.torchvision_data as data
 
     data_dir, tensors = tiny_kmnist
     dm = data.TorchvisionData("KMNIST", data_dir=str(data_dir), image_shape=(1, 28, 28), val_size=50)
@@ -197,19 +82,6 @@ def test_a_torchvision_dataset_trains_from_the_shell(tmp_path, tiny_kmnist):
     assert read_metrics(run)["test/loss"] > 0
     names = (run / "tensorboard" / "00003" / "latent_map" / "metadata.tsv").read_text().splitlines()  # 150 / 64: 3 steps
     assert len(names) == 50 and set(names) <= {"o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"}
-
-
-def test_kmnist_by_name_reads_its_idx_files_like_fashion_mnist(tmp_path):
-    from conftest import DATA_DIR
-
-    raw = tmp_path / "KMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for stem, _, _ in IDX_FILES.values():  # KMNIST's files have Fashion-MNIST's format and sizes
-        (raw / stem).symlink_to(locate(DATA_DIR, "FashionMNIST", None, download=False) / stem)
-    dm = MNISTLike("KMNIST", data_dir=str(tmp_path))
-    dm.prepare_data()
-    dm.setup()
-    assert dm.classes[:3] == ["o", "ki", "su"] and dm.train_set[0].shape == (55000, 1, 28, 28)
 
 
 def test_offline_download_of_a_torchvision_dataset_is_one_line(tmp_path):

@@ -11,7 +11,7 @@ CONF_GROUPS = {
         "cifar10",
         "cifar100",
         "svhn",
-    ],  # image_folder, torchvision: test_image_folder, test_data
+    ],  # image_folder, torchvision: test_image_folder, test_torchvision_data
     "model": ["dense", "mlp", "conv"],
     "trainer": ["cpu", "gpu", "ddp"],
     "experiment": ["notebook", "latent2", "conv32"],

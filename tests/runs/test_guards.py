@@ -10,8 +10,9 @@ import torch
 from conftest import DATA_DIR, dense_vae, one_line, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.errors import UserError
-from vaelab.model.vae import VAE
 from vaelab.runs.guards import for_run
+from vaelab.training.data import LightningData
+from vaelab.training.module import VAEModule
 
 
 class PoisonAtStep(pl.Callback):
@@ -23,10 +24,10 @@ class PoisonAtStep(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step == self.step:
             with torch.no_grad():
-                next(pl_module.decoder.parameters()).fill_(float("nan"))
+                next(pl_module.vae.decoder.parameters()).fill_(float("nan"))
 
 
-def small_vae() -> VAE:
+def small_vae() -> VAEModule:
     return dense_vae(4, (1, 28, 28), lr=1e-3)
 
 
@@ -46,7 +47,9 @@ def fit_poisoned(tmp_path, log_every_n_steps: int):
     with pytest.raises(UserError) as err:
         trainer.fit(
             small_vae(),
-            datamodule=MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=64),
+            datamodule=LightningData(
+                MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=64)
+            ),
         )
     state = torch.load(tmp_path / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(tensor).all() for tensor in state.values())  # the named checkpoint is a good one

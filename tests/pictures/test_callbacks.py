@@ -20,9 +20,10 @@ from PIL import Image
 from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import seeded_order
-from vaelab.model.latent import interpolate
-from vaelab.pictures.latent_maps import Traversals
 from vaelab.pictures.base import label_column
+from vaelab.pictures.latent_maps import Traversals
+from vaelab.runs.checkpoints import load_vae
+from vaelab.training.data import LightningData
 
 CELL, PAD = 28, 2  # make_grid's cells and padding in every grid
 STEPS = [20, 40]  # global steps of the two validation epochs (20 batches each)
@@ -151,12 +152,10 @@ def test_no_noise_logs_the_clean_row_twice_on_its_own_schedule(latent2_run):
 
 @pytest.mark.parametrize("run_fixture", ["latent16_run", "latent2_run"])  # linear, spherical
 def test_interpolation_ends_are_the_reconstructions_of_the_end_images(run_fixture, request):
-    from vaelab.model.vae import VAE
-
     run = request.getfixturevalue(run_fixture)
     _, pixels = logged(event_accumulator(run), "interpolation")[-1]
     # last.ckpt holds the weights that drew the last epoch's pictures (no step between them)
-    vae = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    vae = load_vae(run / "checkpoints" / "last.ckpt")
     rows = np.stack([cells(pixels, r, 12) for r in range(8)])  # (pairs, 12, 28, 28)
     for input_col, decoded_col in [(0, 1), (11, 10)]:
         images = torch.from_numpy(rows[:, input_col]).float().unsqueeze(1)  # PNG inputs are exact: k/255
@@ -165,19 +164,6 @@ def test_interpolation_ends_are_the_reconstructions_of_the_end_images(run_fixtur
         # logged pixels are rounded to 1/255: the same decoding differs by at most half a level
         assert np.abs(recon - rows[:, decoded_col]).max() <= 0.6 / 255
     assert np.abs(rows[:, 1] - rows[:, 10]).mean() > 0.01  # the rows do travel
-
-
-def test_interpolation_paths():
-    a, b = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
-    for method in ("linear", "spherical"):
-        path = interpolate(a, b, 5, method)[0]
-        assert path.shape == (5, 2)
-        assert torch.equal(path[0], a[0]) and torch.equal(path[-1], b[0])
-    assert torch.allclose(interpolate(a, b, 5, "linear")[0, 2], torch.tensor([1.5, 1.5]))
-    # slerp keeps the norm between two equal-norm ends; the straight line cuts inside
-    assert torch.allclose(interpolate(a, b, 5, "spherical")[0].norm(dim=-1), torch.full((5,), 3.0))
-    parallel = interpolate(a, 2 * a, 3, "spherical")[0]
-    assert torch.allclose(parallel, torch.tensor([[3.0, 0.0], [4.5, 0.0], [6.0, 0.0]]))
 
 
 def test_latent_map_at_latent_dim_2_and_switched_off_picture_absent(latent2_run):
@@ -204,8 +190,6 @@ def test_latent_map_at_latent_dim_2_and_switched_off_picture_absent(latent2_run)
 def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(latent16_run):
     import torchvision
 
-    from vaelab.model.vae import VAE
-
     board = latent16_run / "tensorboard"
     config = (board / "projector_config.pbtxt").read_text()
     folder = board / f"{STEPS[-1]:05d}" / "latent_map"
@@ -218,7 +202,7 @@ def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(late
     side = 45  # ceil(sqrt(2000)) thumbnails a side
     assert sprite.shape == (side * CELL, side * CELL)
     thumbs = sprite.reshape(side, CELL, side, CELL).transpose(0, 2, 1, 3).reshape(-1, 1, CELL, CELL)[:2000]
-    vae = VAE.load_from_checkpoint(latent16_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    vae = load_vae(latent16_run / "checkpoints" / "last.ckpt")
     with torch.no_grad():
         mu = vae.encode(torch.from_numpy(thumbs).float())[0].numpy()
     # the sprite's pixels are truncated to 1/255, so its means differ slightly from the logged ones
@@ -342,15 +326,13 @@ def label_pixels(units, kl, height: int) -> np.ndarray:
 def test_traversal_rows_vary_the_most_used_units_named_in_their_labels(
     run_fixture, latent_dim, steps, range_std, request, val_images
 ):
-    from vaelab.model.vae import VAE
-
     run = request.getfixturevalue(run_fixture)
     logged_images = logged(event_accumulator(run), "traversals")
     assert [step for step, _ in logged_images] == STEPS
     pixels = logged_images[-1][1]
     strip, rows = traversal_parts(pixels, steps)
     assert len(rows) == min(8, latent_dim)  # k = min(num_units, latent_dim): both units at latent_dim 2
-    vae = VAE.load_from_checkpoint(run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    vae = load_vae(run / "checkpoints" / "last.ckpt")
     picks = val_images[seeded_order(len(val_images), 0)[:1000]]
     units, kl, traversals = expected_traversals(vae, picks, len(rows), steps, range_std)
     assert (kl[:-1] >= kl[1:]).all() and kl[0] > 1.0  # the top unit is in use
@@ -375,16 +357,19 @@ def test_the_row_of_an_inactive_unit_stays_still_and_comes_last(tmp_path):
     latent, dead, steps = 6, 1, 7
     datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=64, val_size=300)
     pl.seed_everything(0)
-    vae = dense_vae(latent, (1, 28, 28), lr=1e-2)
+    module = dense_vae(latent, (1, 28, 28), lr=1e-2)
+    vae = module.vae
     quiet = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
-    pl.Trainer(max_steps=60, limit_val_batches=0, logger=False, **quiet).fit(vae, datamodule=datamodule)
+    pl.Trainer(max_steps=60, limit_val_batches=0, logger=False, **quiet).fit(module, datamodule=LightningData(datamodule))
     with torch.no_grad():
         vae.encoder.heads.weight[[dead, latent + dead]] = 0.0
         vae.encoder.heads.bias[[dead, latent + dead]] = 0.0
         vae.decoder.body[-1].weight[:, dead] = 0.0
     callback = Traversals(num_units=latent, steps=steps, kl_images=1000, image_dir=str(tmp_path / "images"))
     logger = TensorBoardLogger(tmp_path, name="", version="tensorboard", default_hp_metric=False)
-    pl.Trainer(limit_val_batches=1, logger=logger, callbacks=[callback], **quiet).validate(vae.eval(), datamodule=datamodule)
+    pl.Trainer(limit_val_batches=1, logger=logger, callbacks=[callback], **quiet).validate(
+        module.eval(), datamodule=LightningData(datamodule)
+    )
 
     ((_, pixels),) = logged(event_accumulator(tmp_path), "traversals")
     strip, rows = traversal_parts(pixels, steps)
@@ -482,6 +467,7 @@ def test_rgb_projector_has_colour_thumbnails_named_by_their_folders(rgb_run):
     assert [dominant_channel(t) for t in thumbs[:21]] == [channel[n] for n in names]
 
 
+@pytest.mark.slow  # 5 s: 2,000 large images (0.8 GB)
 def test_large_images_are_shrunk_to_fit_the_projector_sprite():
     from vaelab.pictures.latent_maps import SPRITE_SIDE, thumbnails
 

@@ -33,10 +33,10 @@ def notebook_run(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def notebook_vae(notebook_run):
-    from vaelab.model.vae import VAE
+    from vaelab.runs.checkpoints import load_vae
 
     # last.ckpt holds the weights that drew the pictures of the last (here the only) epoch
-    return VAE.load_from_checkpoint(notebook_run / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu").eval()
+    return load_vae(notebook_run / "checkpoints" / "last.ckpt")
 
 
 @pytest.fixture(scope="module")

@@ -436,7 +436,7 @@ def test_overwrite_true_never_removes_the_checkpoint_it_reads(tmp_path, trained_
     before = snapshot(run_dir)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     proc = run_cli(f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}", "overwrite=true", tool=tool, check=False)
-    line = one_line(proc, f"{tool}: error: overwrite=true would remove ckpt_path={ckpt}, which is in hydra.run.dir=")
+    line = one_line(proc, f"{tool}: error: overwrite=true would move away ckpt_path={ckpt}, which is in hydra.run.dir=")
     assert line.endswith("write the results to another directory (hydra.run.dir=<new dir>)")
     assert snapshot(run_dir) == before
 
@@ -445,10 +445,15 @@ def test_overwrite_true_replaces_the_old_run(tmp_path, trained_run):
     run_dir = tmp_path / "run"
     shutil.copytree(trained_run, run_dir)
     (run_dir / "notes.txt").write_text("mine")
+    before = snapshot(run_dir)
     run_cli(*FAST, "epochs=1", "latent_dim=4", f"hydra.run.dir={run_dir}", "overwrite=true")
     assert "latent_dim: 4" in (run_dir / ".hydra" / "config.yaml").read_text()
     assert [p.name for p in (run_dir / "checkpoints").glob("best-*")] == ["best-epoch000.ckpt"]  # the old best is gone
-    assert (run_dir / "notes.txt").read_text() == "mine"  # only vaelab's own outputs are removed
+    assert not (run_dir / "notes.txt").exists()
+    # nothing is deleted: the old run, the user's notes in it included, is moved aside whole
+    [aside] = tmp_path.glob("run.replaced-*")
+    assert {str(p).replace(str(aside), str(run_dir), 1): data for p, data in snapshot(aside).items()} == before
+    assert (aside / "notes.txt").read_text() == "mine"
 
 
 def test_runs_started_at_once_get_their_own_directories(tmp_path):

@@ -377,7 +377,7 @@ def test_a_colour_vae_reports_bits_per_dim_over_all_its_dimensions():
     from conftest import dense_vae
 
     for name, offset in (("discretized_logistic", 0.0), ("gaussian", 8.0)):
-        vae = dense_vae(image_shape=(3, 8, 8), likelihood=name)
+        vae = dense_vae(image_shape=(3, 8, 8), likelihood=name).vae
         assert vae.likelihood.channels == 3
         assert vae.bits_per_dim(400.0) == pytest.approx(400.0 / (192 * math.log(2)) + offset)
         x = torch.randint(0, 256, (4, 3, 8, 8), generator=_gen(23)) / 255

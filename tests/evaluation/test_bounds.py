@@ -1,7 +1,6 @@
-"""vaelab-eval: the IWAE estimate against hand and quadrature computations and against the ELBO on a trained
-model, the denoising VAE against a plain one, and the CLI from the shell."""
+"""The bounds vaelab-eval reports (vaelab.evaluation.bounds, measures): the IWAE estimate against hand and quadrature
+computations and against the ELBO on a trained model, the denoising VAE against a plain one, the Fréchet distance."""
 
-import json
 import math
 
 import numpy as np
@@ -9,35 +8,28 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
-from PIL import Image
 
-from conftest import DATA_DIR, REPO, dense_vae, read_metrics, run_cli
-from vaelab.commands.evaluate import active_units, evaluate, likelihood, noisy_input_errors
-from vaelab.data.mnist import MNISTLike
+from conftest import DATA_DIR, REPO, dense_vae
+from vaelab.commands.evaluate import evaluate
+from vaelab.evaluation.bounds import active_units, likelihood, noisy_input_errors
 from vaelab.model.networks import DenseDecoder
 from vaelab.model.vae import VAE, bernoulli_nll
+from vaelab.training.data import LightningData
+from vaelab.training.module import VAEModule
 
-# The linear probe and the Fréchet distance on few images (the eval defaults: all 60,000 training images, and a
-# classifier trained on them for 3 epochs, about 50 s once).
-QUICK_MEASURES = [
-    "linear_probe.train_images=2000",
-    "frechet.num_samples=1000",
-    "classifier.train_images=3000",
-    "classifier.epochs=2",
-]
 TRAIN_STEPS = 150  # batches of 64: enough for the denoising effect to stand far above the noise (~20 nats at 0.3)
 
 
 def tiny_vae(latent_dim: int, image_shape, enc_bias, dec_weight, dec_bias, objective: str = "elbo") -> VAE:
     """A dense VAE with hand-set weights: the encoder ignores x (mu, logvar = enc_bias), the decoder's logits
     are dec_weight @ z + dec_bias."""
-    vae = VAE(
+    vae = VAEModule(
         encoder={"_target_": "vaelab.model.networks.DenseEncoder", "latent_dim": latent_dim, "image_shape": image_shape},
         decoder={"_target_": "vaelab.model.networks.DenseDecoder", "latent_dim": latent_dim, "image_shape": image_shape},
         optimizer={"_target_": "torch.optim.Adam", "_partial_": True},
         latent_dim=latent_dim,
         objective=objective,
-    )
+    ).vae
     with torch.no_grad():
         vae.encoder.heads.weight.zero_()
         vae.encoder.heads.bias.copy_(torch.as_tensor(enc_bias, dtype=torch.float32))
@@ -72,7 +64,7 @@ def trained(tmp_path_factory):
                 ],
             )
             pl.seed_everything(0)
-            datamodule, model = instantiate(cfg.data), instantiate(cfg.model)
+            data, module = instantiate(cfg.data), instantiate(cfg.model)
             trainer = pl.Trainer(
                 accelerator="cpu",
                 max_steps=TRAIN_STEPS,
@@ -83,9 +75,9 @@ def trained(tmp_path_factory):
                 enable_model_summary=False,
                 default_root_dir=root,
             )
-            trainer.fit(model, datamodule=datamodule)
-            models["denoise" if denoise else "plain"] = model.eval()
-    return models, datamodule.test_set[0][:500]
+            trainer.fit(module, datamodule=LightningData(data))
+            models["denoise" if denoise else "plain"] = module.vae.eval()
+    return models, data.test_set[0][:500]
 
 
 def test_iwae_is_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z():
@@ -194,112 +186,7 @@ def test_denoising_training_reduces_noisy_input_error(trained):
     assert plain[0.0]["recon_nats"] == pytest.approx(clean, rel=1e-5)
 
 
-def test_vaelab_eval_from_the_shell(tmp_path, trained_run):
-    best = next((trained_run / "checkpoints").glob("best-epoch*.ckpt"))
-    proc = run_cli(
-        f"ckpt_path={best}",
-        f"paths.root_dir={tmp_path}",
-        "num_images=256",
-        "num_importance_samples=20",
-        "noise_levels=[0,0.1,0.3]",
-        *QUICK_MEASURES,
-        f"classifier.cache_dir={tmp_path / 'classifier'}",
-        tool="vaelab-eval",
-    )
-    [run_dir] = list((tmp_path / "outputs" / "eval").glob("*/*"))  # its own run directory: outputs/eval/<date>/<time>
-    result = json.loads((run_dir / "eval.json").read_text())
-    for key in [
-        "neg_elbo",
-        "recon",
-        "kl",
-        "nll_iwae",
-        "active_units",
-        "noisy_inputs",
-        "num_importance_samples",
-        "posterior",
-        "model",
-    ]:
-        assert key in result
-    assert result["num_images"] == 256 and result["num_importance_samples"] == 20 and result["dataset"] == "FashionMNIST"
-    assert result["model"]["latent_dim"] == 16 and result["model"]["objective"] == "elbo"
-    assert result["neg_elbo"] == pytest.approx(result["recon"] + result["kl"], rel=1e-9)
-    assert 0 < result["nll_iwae"] <= result["neg_elbo"]
-    assert 0 <= result["active_units"] <= 16
-    assert [r["noise_level"] for r in result["noisy_inputs"]] == [0.0, 0.1, 0.3]
-    assert all(r["recon_nats"] > 0 and 0 < r["mse"] < 1 for r in result["noisy_inputs"])
-    # the same checkpoint and test images as vaelab-train's test step (4 batches of 64): the same negative ELBO,
-    # up to its one-sample reconstruction noise
-    assert result["neg_elbo"] == pytest.approx(read_metrics(trained_run)["test/loss"], rel=5e-3)
-    with Image.open(run_dir / "noise_error.png") as png:
-        assert png.size == (1000, 400)
-    assert "-log p(x) IWAE" in proc.stdout + proc.stderr and (run_dir / "eval.log").exists()
-    # the linear probe of the posterior means beside the raw pixels' and chance (2 epochs of 20 batches of 64: the
-    # code keeps much of the class information already; measured 0.76 against the pixels' 0.80, chance 0.14)
-    probe = result["linear_probe"]
-    assert probe["train_images"] == 2000 and probe["test_images"] == 256 and probe["max_iter"] == 100
-    test_labels = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist").load()[2][1][:256]
-    assert probe["chance"] == torch.bincount(test_labels).max().item() / 256  # the most common class's share
-    assert result["linear_probe_accuracy"] > probe["chance"] + 0.3 and probe["raw_pixels_accuracy"] > probe["chance"] + 0.3
-    # the Fréchet distance of prior samples, the reconstructions and the training images (the floor)
-    frechet = result["frechet"]
-    assert frechet["num_samples"] == 256 and frechet["classifier_train_images"] == 3000
-    assert frechet["classifier_test_accuracy"] > 0.65 and frechet["seconds"] > 0
-    # measured: samples 358, reconstructions 334 (40 steps of training), training images 5.2 (256 images a side)
-    assert frechet["train_vs_test"] < 0.1 * min(frechet["reconstructions"], result["frechet_distance"])
-    assert "linear probe" in proc.stdout + proc.stderr and "Fréchet dist." in proc.stdout + proc.stderr
-
-
-def test_vaelab_eval_refuses_a_missing_checkpoint_in_one_line(tmp_path):
-    missing = tmp_path / "nowhere" / "last.ckpt"
-    proc = run_cli(f"ckpt_path={missing}", f"paths.root_dir={tmp_path}", tool="vaelab-eval", check=False)
-    assert proc.returncode != 0
-    assert (
-        proc.stderr.strip() == f"vaelab-eval: error: checkpoint {missing} not found; "
-        "pass ckpt_path=<run dir>/checkpoints/last.ckpt (or best-epochNNN.ckpt) from a vaelab-train run"
-    )
-    assert not list(tmp_path.rglob("eval.json"))
-
-
-def test_vaelab_eval_requires_ckpt_path(tmp_path):
-    proc = run_cli(f"paths.root_dir={tmp_path}", tool="vaelab-eval", check=False)
-    assert proc.returncode != 0 and "ckpt_path is required" in proc.stderr
-
-
-def test_vaelab_eval_prepares_the_data_as_the_checkpoint_was_trained(tmp_path):
-    run = tmp_path / "binary"
-    from conftest import train_run
-
-    train_run(run, "epochs=1", "latent_dim=8", "data.binarize=dynamic", "model.eval_iwae_samples=2")
-    ckpt = run / "checkpoints" / "last.ckpt"
-    common = [f"ckpt_path={ckpt}", "num_images=200", "num_importance_samples=10", "noise_levels=[0]"]
-    measures = [*QUICK_MEASURES, f"classifier.cache_dir={tmp_path / 'classifier'}"]
-    proc = run_cli(*common, *measures, f"hydra.run.dir={tmp_path / 'as-trained'}", tool="vaelab-eval")
-    result = json.loads((tmp_path / "as-trained" / "eval.json").read_text())
-    # the probe sees binary images, as the model did; the classifier and the Fréchet distance's real side see grey levels
-    assert result["linear_probe_accuracy"] > result["linear_probe"]["chance"] + 0.2
-    assert result["frechet"]["train_vs_test"] < 0.1 * result["frechet_distance"]
-    assert result["binarize"] == "dynamic" and result["likelihood"] == "bernoulli" and result["trained_binarize"] == "dynamic"
-    assert result["data_preparation"] == "binarize=dynamic, as the model was trained (the checkpoint records it)"
-    assert result["figures"] == result["notes"][0]
-    printed = proc.stdout + proc.stderr
-    assert "200 images, binarize=dynamic, as the model was trained (the checkpoint records it); nats/image:" in printed
-    assert result["notes"][0] == "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"
-    assert not any("although the model was trained" in note for note in result["notes"])
-    assert result["nll_iwae_bpd"] == pytest.approx(result["nll_iwae"] / (784 * math.log(2)))
-    off = ["linear_probe.enabled=false", "frechet.enabled=false"]
-    proc = run_cli(*common, *off, "data.binarize=none", f"hydra.run.dir={tmp_path / 'grey'}", tool="vaelab-eval")
-    grey = json.loads((tmp_path / "grey" / "eval.json").read_text())
-    assert grey["binarize"] == "none" and grey["notes"][0].startswith("nats per image; Bernoulli on grey levels, not a density")
-    assert grey["figures"].startswith("nats per image; Bernoulli on grey levels, not a density")
-    says = "binarize=none as asked, although the model was trained on binarize=dynamic"
-    assert grey["data_preparation"] == says and grey["trained_binarize"] == "dynamic"
-    assert f"200 images, {says}; nats/image:" in proc.stdout + proc.stderr
-    assert "Bernoulli on grey levels, not a density" in proc.stdout + proc.stderr
-    assert "evaluated on data.binarize=none as asked, although the model was trained on dynamic" in grey["notes"]
-    # other test images: grey levels, not the fixed binary draws (their reconstruction error differs)
-    assert grey["noisy_inputs"][0]["mse"] != pytest.approx(result["noisy_inputs"][0]["mse"], rel=1e-2)
-
-
+@pytest.mark.slow  # 25 s: K = 5000 over 160 images
 def test_memory_stays_flat_over_many_images_at_large_k():
     """K = 5000 decodes 20,000 (image, sample) pairs a pass; the per-image results are written into tensors allocated
     once. (Kept as small tensors per chunk, they pinned freed activations in glibc's heap: with the fmnist_density
@@ -314,7 +201,7 @@ def test_memory_stays_flat_over_many_images_at_large_k():
     data = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", binarize="dynamic")
     data.setup()
     torch.manual_seed(0)
-    vae = dense_vae(latent_dim=40, image_shape=(1, 28, 28)).eval()
+    vae = dense_vae(latent_dim=40, image_shape=(1, 28, 28)).vae.eval()
     vae.encoder = DenseEncoder(40, (1, 28, 28), hidden=(300, 300))  # the fmnist_density preset's networks
     vae.decoder = DenseDecoder(40, (1, 28, 28), hidden=(300, 300))
     images = data.test_set[0][:160]
@@ -325,43 +212,6 @@ def test_memory_stays_flat_over_many_images_at_large_k():
     grown = resident_mib() - before
     assert result["nll_iwae"].shape == (160,) and torch.isfinite(result["nll_iwae"]).all()
     assert grown < 150, f"resident memory grew {grown:.0f} MiB over 160 images"
-
-
-def test_vaelab_eval_on_a_colour_image_folder_checkpoint(tmp_path, rgb_run):
-    from conftest import one_line, rgb_data
-
-    run, folder = rgb_run
-    ckpt = run / "checkpoints" / "last.ckpt"
-    out = tmp_path / "eval"
-    classifiers = tmp_path / "classifier"
-    run_cli(
-        f"ckpt_path={ckpt}",
-        *rgb_data(folder),
-        "num_importance_samples=5",
-        f"classifier.cache_dir={classifiers}",
-        f"hydra.run.dir={out}",
-        tool="vaelab-eval",
-    )
-    result = json.loads((out / "eval.json").read_text())
-    assert result["dataset"] == "ImageFolder" and result["num_images"] == 21  # the folder's 10% test split
-    assert result["likelihood"] == "discretized_logistic" and result["model"]["name"] == "conv"
-    assert math.isfinite(result["neg_elbo"]) and result["nll_iwae"] <= result["neg_elbo"] + 1.0
-    assert result["neg_elbo_bpd"] == pytest.approx(result["neg_elbo"] / (3 * 32 * 32 * math.log(2)))  # D = 3072
-    assert all(math.isfinite(r["mse"]) and 0 <= r["mse"] <= 1 for r in result["noisy_inputs"])
-    with Image.open(out / "noise_error.png") as png:
-        assert png.size == (1000, 400)
-    # the probe and the Fréchet distance on the folder's own classes: its classifier is trained on its training split
-    assert result["linear_probe"]["train_images"] == 189 and result["linear_probe"]["test_images"] == 21
-    assert 0 <= result["linear_probe_accuracy"] <= 1 and math.isfinite(result["frechet_distance"])
-    assert result["frechet"]["num_samples"] == 21 and result["frechet"]["classifier_train_images"] == 189
-    [cached] = classifiers.glob("ImageFolder-3x32x32-*.pt")
-    assert torch.load(cached, weights_only=True)["classes"] == sorted(["blue_triangles", "green_squares", "red_discs"])
-    # the same checkpoint with the default data: one line naming the data it needs
-    proc = run_cli(f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'wrong'}", tool="vaelab-eval", check=False)
-    line = one_line(
-        proc, "vaelab-eval: error: the checkpoint's model takes (3, 32, 32) images but data=FashionMNIST has (1, 28, 28)"
-    )
-    assert line.endswith("e.g. data=image_folder data.path=<dir> data.channels=3 data.image_size=32")
 
 
 @pytest.fixture(scope="module")
@@ -376,6 +226,7 @@ def small_classifier(tmp_path_factory):
     return model, datamodule
 
 
+@pytest.mark.slow  # 10 s: trains its classifier
 def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_classifier):
     from vaelab.evaluation.measures import frechet_distances, prior_samples
 
@@ -384,7 +235,7 @@ def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_clas
     n = 1000
     real, train = datamodule.test_set[0][:n], datamodule.train_set[0][:n]
     torch.manual_seed(0)
-    untrained = dense_vae(latent_dim=16, image_shape=(1, 28, 28)).eval()
+    untrained = dense_vae(latent_dim=16, image_shape=(1, 28, 28)).vae.eval()
 
     def samples(vae, seed):
         return prior_samples(vae, n, generator=torch.Generator().manual_seed(seed))
@@ -407,38 +258,3 @@ def test_frechet_distance_floor_trained_untrained_and_seeded(trained, small_clas
     assert fid["floor"] < 0.01 * fid["trained"]
     assert fid["trained"] < 0.8 * fid["untrained"] and fid["untrained"] - fid["trained"] > 50
     assert fid["again"] == fid["trained"] and fid["other_seed"] != fid["trained"]
-
-
-def test_vaelab_eval_conditions_a_conditional_model_on_the_true_labels_and_says_so(tmp_path, conditional_run):
-    """eval.json and the summary say the figures are conditioned on the true test labels, and they are: the same
-    images under the wrong labels are less likely."""
-    from vaelab.data.mnist import MNISTLike
-    from vaelab.runs.checkpoints import load_vae
-
-    ckpt = conditional_run / "checkpoints" / "last.ckpt"
-    proc = run_cli(
-        f"ckpt_path={ckpt}",
-        "num_images=200",
-        "num_importance_samples=10",
-        f"hydra.run.dir={tmp_path / 'eval'}",
-        *QUICK_MEASURES,
-        f"classifier.cache_dir={tmp_path / 'classifier'}",
-        tool="vaelab-eval",
-    )
-    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert result["conditioned_on"] == "the true test labels" and result["model"]["conditional"] is True
-    # the probe and the Fréchet distance give the conditional networks each image's label (they would refuse none)
-    assert 0.1 < result["linear_probe_accuracy"] <= 1 and result["frechet_distance"] > 0
-    said = "conditional VAE: every figure is conditioned on the true test labels"
-    assert any(note.startswith(said) for note in result["notes"]) and said in proc.stdout + proc.stderr
-    vae = load_vae(ckpt)
-    datamodule = MNISTLike(data_dir=str(DATA_DIR))
-    datamodule.setup("test")
-    images, labels = (t[:200] for t in datamodule.test_set)
-    with torch.no_grad():
-        nll = {
-            name: likelihood(vae, images, 10, generator=torch.Generator().manual_seed(0), labels=y)["nll_iwae"].mean().item()
-            for name, y in (("true", labels), ("wrong", (labels + 5) % 10))
-        }
-    assert nll["true"] == pytest.approx(result["nll_iwae"], rel=1e-3)
-    assert nll["wrong"] > nll["true"] + 5, nll

@@ -54,7 +54,7 @@ def test_the_28x28_default_is_the_former_network_layer_for_layer(channels):
 def test_the_composed_default_conv_model_has_the_former_parameter_count(compose):
     from hydra.utils import instantiate
 
-    vae = instantiate(compose(["model=conv"]).model)
+    vae = instantiate(compose(["model=conv"]).model).vae
     old = sum(p.numel() for m in former_conv(256) for p in m.parameters())
     assert (
         sum(p.numel() for p in vae.parameters()) == old == 2_478_785
@@ -115,16 +115,17 @@ def test_a_64x64_colour_conv_vae_is_built_from_the_config_and_trains_a_step(comp
     data = ["data=image_folder", f"data.path={tmp_path}", "data.channels=3", "data.image_size=64"]
     cfg = compose([*data, "model=conv", "model.likelihood=discretized_logistic", "latent_dim=16"])
     settings.check(cfg, "train")
-    vae = instantiate(cfg.model)
+    module = instantiate(cfg.model)
+    vae = module.vae
     assert [m.out_channels for m in vae.encoder.body if isinstance(m, nn.Conv2d)] == [32, 64, 128, 256]
     assert [m.out_channels for m in vae.decoder.body if isinstance(m, nn.ConvTranspose2d)] == [128, 64, 32, 6]  # mean, log-scale
-    assert vae.hparams.decoder["channels"] is None  # the decoder follows the encoder's setting
+    assert module.hparams.decoder["channels"] is None  # the decoder follows the encoder's setting
     x = torch.rand(4, 3, 64, 64)
     parts = vae.loss(x, x)
     parts["loss"].backward()
     assert torch.isfinite(parts["loss"]) and vae.decode_mean(vae.encode(x)[0]).shape == (4, 3, 64, 64)
     explicit = instantiate(compose([*data, "model=conv", "model.likelihood=gaussian", "model.encoder.channels=[16,32]"]).model)
-    assert explicit.decoder.start == (32, 16, 16) and explicit.hparams.decoder["channels"] == [16, 32]
+    assert explicit.vae.decoder.start == (32, 16, 16) and explicit.hparams.decoder["channels"] == [16, 32]
 
 
 CONDITIONAL = {  # model -> (encoder, decoder) of a conditional network of 28x28 images, 10 classes, latent 4
