@@ -259,9 +259,10 @@ class VAE(nn.Module):
         uniformly dequantised (fresh noise in training, the fixed evaluation noise in validation and test)."""
         return dequantize(x, generator) if self.likelihood.dequantized else x
 
-    def bits_per_dim(self, nats: float) -> float:
-        """Nats per image -> bits per dimension under this VAE's likelihood (vaelab.model.likelihoods.bits_per_dim)."""
-        return float(bits_per_dim(nats, math.prod(self.image_shape), self.likelihood.name))
+    def bits_per_dim(self, nats: torch.Tensor | float) -> torch.Tensor | float:
+        """Nats per image -> bits per dimension under this VAE's likelihood (vaelab.model.likelihoods.bits_per_dim);
+        a float for a float, a tensor for a tensor."""
+        return bits_per_dim(nats, math.prod(self.image_shape), self.likelihood.name)
 
     def loss(self, x_in: torch.Tensor, target: torch.Tensor, y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Batch means of the true -ELBO (beta as set) and its two parts, nats per image."""

@@ -13,7 +13,6 @@ its hyper_parameters, so vaelab-eval and vaelab-generate rebuild the plain VAE f
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -22,7 +21,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric
 
-from vaelab.model.likelihoods import bits_per_dim
 from vaelab.model.vae import VAE, add_noise, bounds
 
 EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon", "nelbo", "nll_iwae")
@@ -154,12 +152,7 @@ class VAEModule(pl.LightningModule):
         for key in BPD_KEYS:
             mean = self.eval_means[f"{stage}_{key}"]
             if mean.update_called:  # val/nll_iwae only every val_iwae_every_n_epochs epochs; none for the notebook
-                nats = mean.compute()
-                self.log(
-                    f"{stage}/{key}_bpd",
-                    bits_per_dim(nats, math.prod(self.vae.image_shape), self.hparams.likelihood),
-                    sync_dist=True,
-                )
+                self.log(f"{stage}/{key}_bpd", self.vae.bits_per_dim(mean.compute()), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_bits_per_dim("val")
