@@ -94,3 +94,11 @@ def test_what_needs_no_lightning_imports_none(statement):
     """In a fresh interpreter, as `python -c "import vaelab.model, sys; assert 'pytorch_lightning' not in sys.modules"`."""
     check = f"{statement}; import sys; assert 'pytorch_lightning' not in sys.modules and 'lightning_fabric' not in sys.modules"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
+
+
+def test_the_settings_and_their_vocabularies_import_no_torch():
+    """The settings are checked at start-up, before torch loads: vaelab.runs.settings imports no torch, and the one
+    vocabulary per choice (vaelab.choices), which the model and data modules read, imports nothing at all."""
+    assert MODULES["vaelab.choices"] == set()
+    check = "import vaelab.runs.settings, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", check], check=True, timeout=120)

@@ -16,7 +16,8 @@ from conftest import FAST, run_cli
 from vaelab.errors import UserError
 from vaelab.model.networks import DenseEncoder
 from vaelab.runs.checkpoint_io import AtomicCheckpointIO
-from vaelab.runs.checkpoints import check_buildable, load_vae, network_class, read_checkpoint
+from vaelab.runs.checkpoints import check_buildable, check_contents, load_vae, network_class, read_checkpoint
+from vaelab.runs.settings import MODEL
 
 MODULE = """
 from pathlib import Path
@@ -305,7 +306,7 @@ def test_tampered_checkpoint_contents_are_one_line(tmp_path, trained_run, tool, 
         [*FAST, "epochs=3", "latent_dim=16"] if tool == "vaelab-train" else ["num_images=10"]
     )
     line = one_line(run_cli(*args, tool=tool, check=False), f"{tool}: error: ")
-    assert says in line and ("ckpt_path=" in line or "resume_from=" in line or "start a new run" in line), line
+    assert says in line and ("ckpt_path=" in line or "vaelab-resume" in line or "start a new run" in line), line
     assert snapshot(trained_run) == before and not (tmp_path / "run" / "checkpoints").exists()
 
 
@@ -316,3 +317,19 @@ def test_what_eval_and_generate_load_of_a_tampered_checkpoint_is_refused(tmp_pat
     with pytest.raises(UserError) as refused:
         load_vae(path)
     assert says in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("path", list(MODEL))
+def test_every_model_setting_a_checkpoint_records_is_checked_by_its_one_declaration(path):
+    """hyper_parameters.<name> (and .<part>.<name>) is checked by vaelab-train's model.<name>, in its words."""
+    *parts, name = path.split(".")[1:]
+    hparams: dict = {"latent_dim": 16}
+    node = hparams
+    for part in parts:
+        node = node.setdefault(part, {})
+    check_contents({"state_dict": {}, "hyper_parameters": hparams}, "x.ckpt")  # without the setting: fine
+    node[name] = "abc"  # text: no model setting allows it
+    with pytest.raises(UserError) as refused:
+        check_contents({"state_dict": {}, "hyper_parameters": hparams}, "x.ckpt")
+    recorded = ".".join((*parts, name))
+    assert f"its hyper_parameters.{recorded}='abc' is not {MODEL[path].allowed}; pass ckpt_path=" in str(refused.value)

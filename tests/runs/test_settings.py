@@ -200,3 +200,72 @@ def test_objective_and_likelihood_settings(compose, overrides, message):
     with pytest.raises(UserError) as err:
         check(compose(overrides), "train")
     assert str(err.value).startswith(message)
+
+
+def test_the_structured_configs_type_exactly_the_declared_keys():
+    """The schemas are derived from the declarations: each typed key once, with its declared type; groups open."""
+    from dataclasses import fields
+    from typing import Any, Optional
+
+    from vaelab.runs import settings
+
+    train = {f.name: f.type for f in fields(settings.Train)}
+    assert set(train) == {
+        *("paths", "latent_dim", "epochs", "noise_factor", "denoise", "batch_size", "lr", "beta", "seed", "overwrite"),
+        *("threads", "ckpt_path", "test_after_fit", "data", "model", "trainer", "logger", "callbacks"),
+    }
+    assert (train["latent_dim"], train["lr"], train["denoise"], train["threads"], train["model"]) == (
+        int,
+        float,
+        bool,
+        Optional[int],
+        Any,
+    )
+    shared = {"paths", "data", "seed", "overwrite", "ckpt_path", "device", "allow_networks", "batch_size"}
+    assert {f.name for f in fields(settings.Eval)} == shared | {
+        *("num_importance_samples", "pairs_per_pass", "num_images", "noise_levels", "active_unit_threshold"),
+        *("linear_probe", "frechet", "classifier"),
+    }
+    assert {f.name for f in fields(settings.Generate)} == shared | {
+        *("num_samples", "nrow", "temperature", "interpolate", "num_pairs", "num_steps", "label"),
+    }
+    assert {f.name: f.type for f in fields(settings.LinearProbe)}["train_images"] == Optional[int]
+    assert settings.Paths is OmegaConf.get_type(compose_command("eval", ["ckpt_path=x"]).paths)  # one class, shared
+
+
+def test_each_choice_is_spelled_once_and_every_name_in_it_is_implemented():
+    """vaelab.choices holds each vocabulary; the settings' words and the parts that implement the choices read it."""
+    import torch
+
+    from vaelab import choices
+    from vaelab.data import tensors
+    from vaelab.model import latent, likelihoods, networks, priors, vae
+    from vaelab.runs import settings
+
+    assert vae.OBJECTIVES is choices.OBJECTIVES and networks.INITS is choices.INITS and tensors.BINARIZE is choices.BINARIZE
+    assert likelihoods.NAMES is choices.LIKELIHOODS and tuple(likelihoods.LIKELIHOODS) == choices.LIKELIHOODS
+    assert tuple(priors.PRIORS) == choices.PRIORS
+    for key, names in [
+        ("model.objective", choices.OBJECTIVES),
+        ("model.likelihood", choices.LIKELIHOODS),
+        ("model.prior.name", choices.PRIORS),
+        ("model.encoder.init", choices.INITS),
+        ("data.binarize", choices.BINARIZE),
+    ]:
+        assert settings.TRAIN[key].allowed == f"one of {', '.join(names)}"
+    assert settings.CALLBACKS["vaelab.pictures.grids.Interpolation"]["method"].allowed == "one of linear, spherical"
+    for name in choices.LIKELIHOODS:
+        assert likelihoods.build(name, 1).name == name
+    for name in choices.PRIORS:
+        assert priors.build({"name": name}, 2).name == name
+    for name in choices.BINARIZE:
+        assert tensors.TensorData(binarize=name).binarize == name
+    for name in choices.INITS:
+        networks.initialise(torch.nn.Linear(2, 2), name)
+    a, b = torch.zeros(1, 2), torch.tensor([[1.0, 0.0]])
+    paths = [latent.interpolate(a + torch.tensor([[0.0, 1.0]]), b, 3, method) for method in choices.INTERPOLATIONS]
+    assert not torch.equal(*paths)  # the two methods are two paths (the spherical one keeps the norm)
+    with pytest.raises(ValueError):
+        tensors.TensorData(binarize="sometimes")
+    with pytest.raises(ValueError):
+        networks.initialise(torch.nn.Linear(2, 2), "xavier")

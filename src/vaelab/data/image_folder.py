@@ -164,7 +164,7 @@ class ImageFolder(TensorData):
         dataset: str = "ImageFolder",
     ):
         super().__init__(batch_size, eval_batch_size, seed, binarize, tuple(image_shape), split_seed)
-        # Each setting alone is checked by vaelab.runs.settings's RULES before the run starts; here what they must be together.
+        # Each setting alone is checked by its declaration (vaelab.runs.settings) before the run starts; here the two together.
         if val_fraction + test_fraction >= 1:
             raise UserError(
                 f"data.val_fraction={show(val_fraction)} and data.test_fraction={show(test_fraction)} leave no training "

@@ -15,11 +15,10 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from vaelab.choices import BINARIZE
 from vaelab.errors import UserError
 
 log = logging.getLogger(__name__)
-
-BINARIZE = ("none", "dynamic", "static")  # none: grey levels; dynamic: training images re-drawn each epoch
 
 
 def seeded_order(n: int, seed: int) -> torch.Tensor:

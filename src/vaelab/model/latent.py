@@ -8,8 +8,6 @@ import torch.nn.functional as F
 
 from vaelab.model.vae import VAE, gaussian_kl
 
-INTERPOLATIONS = ("linear", "spherical")
-
 
 def reconstruct(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
     """Decoded posterior means, as pixel probabilities: deterministic, so epochs compare. y: the images' labels

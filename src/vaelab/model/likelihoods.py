@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-NAMES = ("bernoulli", "continuous_bernoulli", "discretized_logistic", "gaussian")
+from vaelab.choices import LIKELIHOODS as NAMES
+
 LEVELS = 256  # 8-bit grey levels k/255, k = 0..255
 
 # Continuous Bernoulli, in terms of the logit eta (lam = sigmoid(eta), |lam - 1/2| ~= |eta|/4).

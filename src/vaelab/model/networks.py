@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab.choices import INITS
 from vaelab.errors import UserError
 
 
@@ -38,9 +39,6 @@ def with_label(h: torch.Tensor, y: torch.Tensor | None, num_classes: int) -> tor
     if y is None:
         raise ValueError("a conditional network (num_classes > 0) needs the labels y")
     return torch.cat([h, one_hot(y, num_classes, h)], dim=-1)
-
-
-INITS = ("default", "he")
 
 
 class GatedDense(nn.Module):

@@ -143,7 +143,8 @@ class VampPrior(MixturePrior):
         return encoder(self.pseudo_inputs())
 
 
-PRIORS: dict[str, type[nn.Module]] = {"standard": StandardPrior, "mog": GaussianMixturePrior, "vamp": VampPrior}
+# Keyed by name, in the order of the vocabulary (vaelab.choices.PRIORS, which the settings read).
+PRIORS: dict[str, type[nn.Module]] = {cls.name: cls for cls in (StandardPrior, VampPrior, GaussianMixturePrior)}
 SETTINGS = {
     "standard": (),
     "mog": ("components",),

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab.choices import OBJECTIVES
 from vaelab.model.likelihoods import Likelihood, bits_per_dim, build, dequantize
 from vaelab.model.priors import StandardPrior
 from vaelab.model.priors import build as build_prior
 
-OBJECTIVES = ("elbo", "notebook", "iwae")
 LOG_2PI = math.log(2 * math.pi)
 
 

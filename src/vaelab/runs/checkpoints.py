@@ -3,7 +3,8 @@
 - `read_checkpoint` reads a file once: its zip CRCs are tested (torch.load alone reads a flipped byte without
   complaint), then it is unpickled weights-only, which refuses any Python object but plain data and tensors.
   What is read from it is then checked like a setting (`check_contents`): weights are finite tensors, the model's
-  hyperparameters pass the same RULES as vaelab-train's model.* settings, the training state has its types.
+  hyperparameters are what vaelab-train's model.* settings allow (vaelab.runs.settings.MODEL, the one declaration),
+  the training state has its types.
 - What a checkpoint asks to build is decided by what each `_target_` *is*: it is resolved without calling
   anything, and only `torch.nn.Module` classes defined in vaelab.model.networks or torch.nn (or named by the user in
   `allow_networks`) pass, with plain-data arguments. Spelling tricks (`vaelab.model.networks.torch.serialization.os.system`)
@@ -27,7 +28,7 @@ from hydra.utils import instantiate
 from vaelab.errors import UserError, memory_message, one_line, out_of_memory, show
 from vaelab.model.vae import VAE
 from vaelab.runs.renames import renamed
-from vaelab.runs.settings import CHECKPOINT_HINT, RULES
+from vaelab.runs.settings import CHECKPOINT_HINT, MODEL, check_checkpoint_file
 
 NETWORK_MODULES = ("vaelab.model.networks", "torch.nn")
 PLAIN = (str, int, float, bool, type(None))
@@ -38,12 +39,6 @@ HINT = CHECKPOINT_HINT
 def read_checkpoint(path: str | Path, key: str) -> dict:
     """The checkpoint at `path` as plain data, or UserError naming the file, what is wrong and the run's others."""
     path = Path(path)
-    if path.is_dir():
-        inside = path / "checkpoints" / "last.ckpt"
-        raise UserError(
-            f"{key}: {path} is a directory, not a .ckpt file; "
-            + (f"did you mean {key.split('=')[0]}={inside}?" if inside.exists() else HINT)
-        )
     others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
     instead = f"; the run's other checkpoints: {', '.join(others)} in {path.parent}" if others else ""
     try:
@@ -73,20 +68,10 @@ def read_checkpoint(path: str | Path, key: str) -> dict:
     return checkpoint
 
 
-# The model's settings as a checkpoint records them (hyper_parameters.<name>), with vaelab-train's rule for model.<name>.
-MODEL_RULES = {
-    path.removeprefix("model."): rule
-    for path, (_, rule) in RULES["train"].items()
-    if path.count(".") == 1 and path.startswith("model.")
-}
-# The settings a checkpoint records in nested mappings (the prior, the networks' options), with vaelab-train's rules:
-# (part, name) for hyper_parameters.<part>.<name>. The prior is plain data (no _target_): vaelab.model.priors.build
-# makes it from its name, so a checkpoint chooses among vaelab's priors only.
-NESTED_RULES = {
-    tuple(path.split(".")[1:]): rule
-    for path, (_, rule) in RULES["train"].items()
-    if path.startswith(("model.prior.", "model.encoder.", "model.decoder.")) and path.count(".") == 2
-}
+# A checkpoint records the model's settings as hyper_parameters.<name> (and .<part>.<name>: the prior, the networks'
+# options) where vaelab-train has model.<name>: each is checked by that setting's declaration. The prior is plain data
+# (no _target_): vaelab.model.priors.build makes it from its name, so a checkpoint chooses among vaelab's priors only.
+RECORDED = {tuple(path.split(".")[1:]): setting for path, setting in MODEL.items() if setting.check is not None}
 TRAINING_FIELDS = {
     "epoch": (int, "an integer"),
     "global_step": (int, "an integer"),
@@ -115,16 +100,15 @@ def check_contents(checkpoint: dict, where: str, instead: str = "") -> None:
     hparams = checkpoint.get("hyper_parameters", {})
     if not isinstance(hparams, Mapping):
         raise refuse(f"its hyper_parameters are a {type(hparams).__name__}, not a mapping of settings")
-    for name, rule in MODEL_RULES.items():
-        if name in hparams and not rule.check(hparams[name]):
-            raise refuse(f"its hyper_parameters.{name}={show(hparams[name])} is not {rule.allowed}")
     prior = hparams.get("prior")
     if prior is not None and not (isinstance(prior, Mapping) and all(isinstance(k, str) for k in prior)):
         raise refuse(f"its hyper_parameters.prior={show(prior)[:40]} is not a mapping of the prior's settings")
-    for (part, name), rule in NESTED_RULES.items():
-        node = hparams.get(part)
-        if isinstance(node, Mapping) and name in node and not rule.check(node[name]):
-            raise refuse(f"its hyper_parameters.{part}.{name}={show(node[name])[:40]} is not {rule.allowed}")
+    for (*parts, name), setting in RECORDED.items():
+        node = hparams
+        for part in parts:
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and name in node and not setting.check(node[name]):
+            raise refuse(f"its hyper_parameters.{'.'.join((*parts, name))}={show(node[name])[:40]} is not {setting.allowed}")
     names = hparams.get("class_names")  # a conditional model's classes: plain strings, one per one-hot input
     if names is not None and not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
         raise refuse(f"its hyper_parameters.class_names={show(names)[:40]} is not a list of class names")
@@ -154,7 +138,7 @@ def check_optimizer_state(model, checkpoint: dict, key: str) -> None:
     except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as err:
         raise UserError(
             f"{key}: its optimizer state does not fit the optimizer of these settings ({type(err).__name__}: "
-            f"{one_line(err)[:200]}); continue it with its own settings (vaelab-train resume_from=<its run dir>) or start a new run"
+            f"{one_line(err)[:200]}); continue it with its own settings (vaelab-resume <its run dir>) or start a new run"
         ) from None
 
 
@@ -221,7 +205,7 @@ def check_fits(model: torch.nn.Module, state_dict: Mapping[str, Any], key: str) 
             was = "missing" if theirs is None else f"{list(theirs.shape)}"
             raise UserError(
                 f"{key} holds a different network: {name} is {was} in the checkpoint but {list(tensor.shape)} "
-                f"with these settings; continue it with its own settings (vaelab-train resume_from=<its run dir>) "
+                f"with these settings; continue it with its own settings (vaelab-resume <its run dir>) "
                 f"or start a new run"
             )
     extra = sorted(set(state_dict) - set(own))
@@ -243,8 +227,7 @@ def load_vae(path: str | Path, device: str | torch.device = "cpu", allow_network
     key = f"ckpt_path={path}"
     if path in (None, ""):
         raise UserError(f"no checkpoint given; {HINT}")
-    if not Path(path).exists():
-        raise UserError(f"checkpoint {path} not found; {HINT}")
+    check_checkpoint_file(str(path))
     checkpoint = read_checkpoint(path, key)
     hparams = checkpoint.get("hyper_parameters")
     if not isinstance(hparams, Mapping) or not {"encoder", "decoder", "latent_dim"} <= set(hparams):

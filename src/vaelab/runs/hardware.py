@@ -1,11 +1,14 @@
-"""Defaults that depend on the machine, offered to the configs as OmegaConf resolvers."""
+"""What this machine has: the defaults that depend on it (OmegaConf resolvers the configs use), and whether what the
+settings ask for is here (an accelerator, a device, a logger's package), checked before any work starts."""
 
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from vaelab.errors import UserError
 
 
 @lru_cache(maxsize=1)
@@ -31,8 +34,6 @@ def check_accelerator(accelerator: str, key: str, fix: str) -> None:
     if accelerator not in ("gpu", "cuda", "mps"):
         return
     import torch
-
-    from vaelab.errors import UserError
 
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise UserError(
@@ -60,9 +61,35 @@ def check_device(name: str) -> None:
         return
     import torch
 
-    from vaelab.errors import UserError
-
     device = torch.device(name)
     check_accelerator(device.type, "device", "use device=cpu (or device=auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"device={name}: this machine has {torch.cuda.device_count()} GPU(s); use device=cuda:0 or device=auto")
+
+
+# The loggers that need a package vaelab does not install by itself: the class -> (what it is called, the
+# distributions that provide it, the pyproject extra that installs it).
+LOGGER_EXTRAS = {
+    "MLFlowLogger": ("MLflow", ("mlflow", "mlflow-skinny"), "mlflow"),
+    "WandbLogger": ("Weights & Biases (wandb)", ("wandb",), "wandb"),
+}
+
+
+def check_loggers(cfg: DictConfig) -> None:
+    """Every logger's package is installed (read from the installed distributions: nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(name: str) -> bool:
+        try:
+            return bool(version(name))
+        except PackageNotFoundError:
+            return False
+
+    for name, node in (cfg.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        needs = LOGGER_EXTRAS.get(target.rpartition(".")[2])
+        if needs and not any(installed(dist) for dist in needs[1]):
+            raise UserError(
+                f"logger.{name} ({target}) needs {needs[0]}, which is not installed: pip install 'vaelab[{needs[2]}]' "
+                f"(or choose loggers without it, e.g. logger=tensorboard)"
+            )
