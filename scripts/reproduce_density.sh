@@ -30,7 +30,7 @@ for experiment in "${experiments[@]}"; do
       echo "$experiment: evaluating $best with K = 5000 (pid $!) into $evaluated; log $evaluated.out"
     fi
   elif [ -d "$run" ]; then  # started before: continue in place from its newest checkpoint (refused while it runs)
-    nohup "$BIN/vaelab-train" resume_from="$run" >> "$run.out" 2>&1 &
+    nohup "$BIN/vaelab-resume" "$run" >> "$run.out" 2>&1 &
     echo "$experiment: resuming $run (pid $!); log $run.out"
   else
     nohup "$BIN/vaelab-train" experiment="$experiment" threads=1 hydra.run.dir="$run" '~callbacks.progress_bar' \

@@ -1,9 +1,15 @@
-"""How errors reach the user: one line on stderr naming what was wrong and the fix, no traceback, a non-zero exit.
+"""How a command ends: one line on stderr naming what was wrong and the fix, no traceback, a non-zero exit.
 
-`UserError` is the one error type for anything the user can fix; `Interrupted` is a stop by a signal (a
-BaseException, like KeyboardInterrupt, so that a sweep stops instead of going on with its next job).
-`exit_cleanly` is the one place where they, Hydra's own composition errors, Ctrl-C and a full or unwritable
-disk become that line. Only the standard library and Hydra's error types are imported: it runs first.
+`UserError` is the one error type for anything the user can fix; `Interrupted` a stop by a signal (a BaseException,
+like KeyboardInterrupt, so that nothing on the way takes it for an error and goes on, e.g. to a sweep's next job).
+`exit_cleanly` is the error boundary, `end` the one writer of the line. Only the standard library is imported at
+module level: the console scripts enter exit_cleanly before anything else.
+
+The signal policy, one for every command, installed by the console script's exit_cleanly before any heavy import:
+SIGINT and SIGTERM alike raise Interrupted, whose line says what the command has written or left undone so far
+(`when_stopped`). While Lightning fits or tests, SIGTERM is Lightning's (it ends the batch, then raises: `deferred`,
+vaelab.runs.guards.interruptions); a joblib sweep's main process stops its workers first (`stop_with`,
+vaelab.runs.sweep); the kernel ends the workers of a sweep that is gone (vaelab.runs.workers).
 """
 
 from __future__ import annotations
@@ -11,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 # OS errors that mean "this location cannot take (or give) the data": a line, not a traceback.
 # EFBIG is what a file-size limit (ulimit -f) gives, a full disk in miniature.
@@ -155,6 +162,10 @@ def hydra_message(err: Exception) -> str | None:
         return TYPE_MESSAGE[0](cause.full_key, cause)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         key = cause.full_key
+        from vaelab.runs.renames import RETIRED, retired
+
+        if key in RETIRED:  # Hydra's message ends with the override as typed: "... use +<key>=<value>"
+            return retired(key, str(err).rpartition(f"+{key}=")[2] if f"+{key}=" in str(err) else "")
         near = difflib.get_close_matches(key.rpartition(".")[2], list(getattr(cause.parent_node, "keys", list)()), n=1)
         hint = f"did you mean {key.rpartition('.')[0] + '.' if '.' in key else ''}{near[0]}? " if near else ""
         return f"there is no setting {key}: {hint}`--cfg job` prints every setting (a new key needs a +, e.g. +{key}=...)"
@@ -176,25 +187,6 @@ def yaml_message(err: Exception) -> str | None:
     )
 
 
-@contextlib.contextmanager
-def recorded() -> Iterator[None]:
-    """Write an error that ends a run into the run's log file (Hydra's file handler) too, then let it go on to
-    exit_cleanly. Only around a run's work: a run refused before it starts leaves its directory as it was."""
-    import logging
-
-    log = logging.getLogger(__name__)
-    try:
-        yield
-    except (Exception, Interrupted) as err:
-        message = message_for(err) or f"{type(err).__name__}: {err}"
-        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, one_line(message), None, None)
-        for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.FileHandler):
-                handler.handle(record)
-        err.recorded = True  # type: ignore[attr-defined]  (job_reporting then does not log it again)
-        raise
-
-
 # Set by the user (for a full traceback), or by exit_cleanly itself so that Hydra raises instead of printing.
 _USER_WANTS_TRACEBACKS = "HYDRA_FULL_ERROR" in os.environ
 
@@ -212,106 +204,130 @@ def message_for(err: BaseException) -> str | None:
     return None
 
 
-_SIGINTS: list[int] = []  # Ctrl-C received by this process
+# --- the signal policy (see the module's docstring) ------------------------------------------------------------
+_RECEIVED: list[int] = []  # the signals this process has received
+_AFTER = [" before it started"]  # how a stop's line ends: what the command has written, or left undone
+_DEFERRED: set[int] = set()  # signals another handler, run before this policy's, acts on for now
+_ACTION: list[Callable[[int], None]] = []  # what a stop does instead of raising (a joblib sweep's main process)
 
 
-def _interrupt(signum, frame) -> None:
-    """Python's own Ctrl-C (KeyboardInterrupt), remembered: raised in the middle of an import, it can leave a module
-    half made and surface as another error (a RecursionError inside numpy), which must still read as the Ctrl-C."""
-    _SIGINTS.append(signum)
-    raise KeyboardInterrupt
+def _stop(signum: int, frame) -> None:
+    _RECEIVED.append(signum)
+    if signum in _DEFERRED and signal.getsignal(signum) is not _stop:  # the handler installed over this one acts
+        return
+    if _ACTION:
+        _ACTION[0](signum)
+    raise Interrupted(f"stopped by {signal.Signals(signum).name}{_AFTER[0]}", signum)
 
 
-def _terminate(signum, frame) -> None:
-    """SIGTERM during start-up: a stop like Ctrl-C's, in one line (its default ended the command without a word)."""
-    raise Interrupted(f"stopped by SIGTERM before {_STARTING[-1] if _STARTING else 'it started'}", signum)
+def before_work(prog: str) -> str:
+    return f" before {'training started' if prog in ('vaelab-train', 'vaelab-resume') else 'any result was written'}"
 
 
-_STARTING: list[str] = []  # what start-up comes before, for _terminate's line
+def when_stopped(text: str) -> None:
+    """From here on a stop's line ends with `text`. A step of the command ends here, so a signal that a library
+    swallowed on the way is raised now, not lost (torch's C++ import of numpy clears the exception and goes on)."""
+    if _RECEIVED:
+        raise Interrupted(f"stopped by {signal.Signals(_RECEIVED[0]).name}{_AFTER[0]}", _RECEIVED[0])
+    _AFTER[0] = text
 
 
-def raise_if_interrupted() -> None:
-    """Where start-up ends: a Ctrl-C that a library swallowed on the way is raised again, not lost (torch's C++
-    import of numpy clears the KeyboardInterrupt and goes on without numpy; the run then trained to its end).
-    SIGTERM goes back to its default here: training (Lightning) and vaelab-eval/-generate (stopped_by_signals)
-    handle it from now on."""
-    import signal
+@contextlib.contextmanager
+def deferred(signum: int) -> Iterator[None]:
+    """While inside, `signum` is only noted: the handler installed over this policy's acts on it (Lightning's, which
+    calls the one it replaced after its own, ends the batch and raises)."""
+    _DEFERRED.add(signum)
+    try:
+        yield
+    finally:
+        _DEFERRED.discard(signum)
 
-    if _SIGINTS:
-        raise KeyboardInterrupt
-    if signal.getsignal(signal.SIGTERM) is _terminate:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+def stop_with(action: Callable[[int], None]) -> None:
+    """A stop calls `action(signum)` instead of raising (it ends the process itself)."""
+    _ACTION[:] = [action]
+
+
+def _install(prog: str) -> dict[int, object]:
+    """The policy, for signals nothing else handles (not again under an outer exit_cleanly, nor for a SIGINT the
+    shell has the command ignore); returns what it replaced."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    replaced = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) is default}
+    if replaced:
+        _AFTER[0] = before_work(prog)
+    for signum in replaced:
+        signal.signal(signum, _stop)
+    return replaced
 
 
 @contextlib.contextmanager
 def exit_cleanly(prog: str) -> Iterator[None]:
-    """Report what the user can act on as `<prog>: error: <one line>` on stderr and exit non-zero.
-
-    Anything else keeps its traceback: a bug. Hydra is told to raise its errors instead of printing them
-    over several lines (HYDRA_FULL_ERROR), unless the user asked for that themselves.
-    """
-    import signal
-    import threading
-
+    """The error boundary: what the user can act on ends the command as one line (`end`), written into the run's log
+    too; anything else keeps its traceback (a bug). The outermost one installs the signal policy while it lasts.
+    Hydra is told to raise its errors instead of printing them over several lines (HYDRA_FULL_ERROR)."""
     if not _USER_WANTS_TRACEBACKS:
         os.environ["HYDRA_FULL_ERROR"] = "1"
-    before = "training started" if prog == "vaelab-train" else "any result was written"
-    main = threading.current_thread() is threading.main_thread()
-    remember = main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    terminate = main and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
-    if remember:
-        signal.signal(signal.SIGINT, _interrupt)
-    if terminate:
-        _STARTING[:] = [before]
-        signal.signal(signal.SIGTERM, _terminate)
+    replaced = _install(prog)
     try:
         yield
-    except KeyboardInterrupt:  # Ctrl-C outside training (Lightning turns it into Interrupted during fit and test)
-        _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
-    except (Exception, Interrupted) as err:
-        if _SIGINTS and not isinstance(err, Interrupted):  # a Ctrl-C that surfaced as another error (e.g. a broken import)
-            _exit(prog, "interrupted", f"stopped by SIGINT before {before}", 130)
+    except (Exception, KeyboardInterrupt, Interrupted) as err:
+        stop = _RECEIVED[0] if _RECEIVED else signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
+        if stop is not None and not isinstance(err, Interrupted):  # e.g. a Ctrl-C that broke an import on its way
+            err = Interrupted(f"stopped by {signal.Signals(stop).name}{_AFTER[0]}", stop)
         message = message_for(err)
         if message is None:
             raise
-        code = getattr(err, "exit_code", 1)
-        _exit(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, code)
+        record(err, message)
+        end(prog, "interrupted" if isinstance(err, Interrupted) else "error", message, getattr(err, "exit_code", 1))
     finally:
-        if remember:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        if terminate and signal.getsignal(signal.SIGTERM) is _terminate:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-
-
-@contextlib.contextmanager
-def stopped_by_signals(unfinished: str) -> Iterator[None]:
-    """Ctrl-C or SIGTERM while a command without a trainer works (vaelab-eval, vaelab-generate) becomes
-    Interrupted, saying what was left unwritten (SIGTERM ended such a command without a word). Training has
-    Lightning's handling (vaelab.runs.guards.interruptions); a handler someone else installed (a sweep's) is kept."""
-    import signal
-
-    def stop(signum, frame) -> None:
-        raise Interrupted(f"stopped by {signal.Signals(signum).name}; {unfinished}", signum)
-
-    raise_if_interrupted()  # start-up ends here (and SIGTERM's start-up handler with it)
-    defaults = {signal.SIGINT: (signal.default_int_handler, _interrupt), signal.SIGTERM: (signal.SIG_DFL,)}
-    previous = {s: signal.getsignal(s) for s, default in defaults.items() if signal.getsignal(s) in default}
-    for signum in previous:
-        signal.signal(signum, stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
+        for signum, handler in replaced.items():
             signal.signal(signum, handler)
 
 
-def quiet_threads() -> None:
-    """A background thread's disk fault (TensorBoard's event writer on a full disk) is logged, not printed with
-    its traceback: the main thread meets the same error at its next write and reports it in one line."""
+def record(err: BaseException, message: str) -> None:
+    """The line that ends a run, in its log file too (Hydra's file handler; none yet: nothing is written), once."""
+    import logging
+
+    if getattr(err, "recorded", False):
+        return
+    err.recorded = True  # type: ignore[attr-defined]
+    log = logging.getLogger(__name__)
+    entry = log.makeRecord(log.name, logging.ERROR, __file__, 0, one_line(message), None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(entry)
+
+
+def end(prog: str, label: str, message: str, code: int, *, fd: int = 2, at_once: bool = False) -> None:
+    """The one writer of a command's last line, `<prog>: error|interrupted|note: <message>` on stderr (a note for
+    exit code 0: e.g. a resume with nothing left to do), then the exit. at_once: os._exit, writing to `fd`, for a
+    process whose threads would hold the exit up (a joblib sweep stopping: vaelab.runs.sweep)."""
+    line = f"{prog}: {label if code else 'note'}: {one_line(message)}\n"
+    if not at_once:
+        sys.stderr.write(line)
+        sys.stderr.flush()
+        sys.exit(code)
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
+    os.write(fd, line.encode())
+    os._exit(code)
+
+
+def quiet() -> None:
+    """stderr is for the last line: library warnings go to the log (and stdout), and a background thread's disk fault
+    (TensorBoard's event writer on a full disk) is logged without its traceback; the main thread meets the same
+    error at its next write and reports it in one line."""
     import logging
     import threading
 
+    logging.captureWarnings(True)
     default = threading.excepthook
+    if getattr(default, "quiet", False):  # already (a sweep's next job in the same process)
+        return
 
     def hook(args: threading.ExceptHookArgs) -> None:
         if isinstance(args.exc_value, OSError) and args.exc_value.errno in DISK_ERRNOS:
@@ -321,10 +337,5 @@ def quiet_threads() -> None:
         else:
             default(args)
 
+    hook.quiet = True  # type: ignore[attr-defined]
     threading.excepthook = hook
-
-
-def _exit(prog: str, label: str, message: str, code: int) -> None:
-    label = label if code else "note"  # e.g. a resume with nothing left to do
-    print(f"{prog}: {label}: {one_line(message)}", file=sys.stderr, flush=True)
-    sys.exit(code)

@@ -138,7 +138,7 @@ SETTINGS = [
     ("vaelab-train", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
     ("vaelab-eval", "hydra.run.dir=", "hydra.run.dir='' is empty; name a new directory"),
     ("vaelab-train", "data.data_dir=", "data.data_dir='' is not allowed: data.data_dir must be a non-empty string"),
-    ("vaelab-train", "resume_from=", "resume_from='' is not allowed: resume_from must be a path or null"),
+    ("vaelab-train", "resume_from=", "resume_from= is no longer a setting: to continue a run in place, run vaelab-resume"),
     ("vaelab-train", "ckpt_path=", "ckpt_path='' is not allowed: ckpt_path must be a path or null"),
     ("vaelab-train", "callbacks.model_checkpoint.dirpath=", "callbacks.model_checkpoint.dirpath='' is not allowed"),
     ("vaelab-train", "logger=csv logger.csv.save_dir=", "logger.csv.save_dir='' is not allowed: logger.csv.save_dir must be"),
@@ -395,10 +395,10 @@ def test_a_directory_where_a_result_file_goes(tmp_path, trained_run):
     (run_dir / "metrics.json").unlink()
     (run_dir / "metrics.json").mkdir()
     (run_dir / "metrics.json" / "keep").write_text("mine")
-    proc = run_cli(f"resume_from={run_dir}", "epochs=3", "trainer.limit_train_batches=2", check=False)
-    line = one_line(proc, f"vaelab-train: error: cannot write {run_dir}/metrics.json: a directory is in the way (Is a")
+    proc = run_cli(str(run_dir), "epochs=3", "trainer.limit_train_batches=2", tool="vaelab-resume", check=False)
+    line = one_line(proc, f"vaelab-resume: error: cannot write {run_dir}/metrics.json: a directory is in the way (Is a")
     assert line.endswith(
-        f"move it away, or choose another place with hydra.run.dir=<dir>; then continue with: vaelab-train resume_from={run_dir}"
+        f"move it away, or choose another place with hydra.run.dir=<dir>; then continue with: vaelab-resume {run_dir}"
     )
     assert (run_dir / "metrics.json" / "keep").read_text() == "mine"
 
@@ -425,7 +425,7 @@ def test_a_run_directory_is_not_written_over(tmp_path, trained_run, tool, args):
     args = [a.replace("X", str(run_dir / "checkpoints" / "last.ckpt")) for a in args]
     proc = run_cli(*args, f"hydra.run.dir={run_dir}", tool=tool, check=False)
     line = one_line(proc, f"{tool}: error: hydra.run.dir={run_dir} already holds a run (")
-    assert f"(to continue it: vaelab-train resume_from={run_dir})" in line and "overwrite=true" in line
+    assert f"(to continue it: vaelab-resume {run_dir})" in line and "overwrite=true" in line
     assert snapshot(run_dir) == before
 
 

@@ -70,7 +70,7 @@ def test_csv_alone_then_resumed_keeps_its_rows(tmp_path):
     assert final == pytest.approx(read_metrics(run_dir))  # the last row: every final figure
     assert yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())["latent_dim"] == 4
 
-    run_cli(f"resume_from={run_dir}", "epochs=2")
+    run_cli(str(run_dir), "epochs=2", tool="vaelab-resume")
     rows = csv_rows(run_dir)
     steps_per_epoch = 20  # trainer.limit_train_batches of FAST
     before = [r for r in first if int(r["step"]) < steps_per_epoch]

@@ -52,8 +52,46 @@ def test_sigterm_during_start_up_is_one_line(tmp_path, tool, module, before):
         stdin=subprocess.DEVNULL,
         preexec_fn=default_signals,
     )
-    one_line(proc, f"{tool}: interrupted: stopped by SIGTERM before {before}", code=128 + signal.SIGTERM)
+    line = one_line(proc, f"{tool}: interrupted: stopped by SIGTERM before {before}", code=128 + signal.SIGTERM)
     assert not (run_dir / "eval.json").exists() and not (run_dir / "checkpoints").exists()
+    if run_dir.exists():  # claimed before the signal came: the line says where it is, and what it holds
+        assert line.endswith(f"; {run_dir} holds only its settings and log")
+        assert {p.name for p in run_dir.iterdir()} <= {".vaelab", ".hydra", "train.log", "eval.log", "generate.log"}
+    else:
+        assert str(run_dir) not in line
+
+
+# SIGTERM sent by vaelab-eval to itself once it has written eval.json, as it goes on to print its summary.
+SIGTERM_AFTER_EVAL_JSON = """
+import os, signal, sys
+import vaelab.commands.cli, vaelab.commands.evaluate as evaluate
+summary = evaluate.summary
+
+def summary_then_stop(result):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return summary(result)
+
+evaluate.summary = summary_then_stop
+sys.argv[0] = "vaelab-eval"
+vaelab.commands.cli.evaluate()
+"""
+
+
+def test_sigterm_after_eval_json_was_written_is_one_line(tmp_path):
+    """It ended the command with exit status 143 and no line."""
+    run_dir = tmp_path / "run"
+    args = [f"ckpt_path={CHECKPOINT}", f"hydra.run.dir={run_dir}", "num_images=20", "linear_probe.enabled=false"]
+    proc = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AFTER_EVAL_JSON, *args, "frechet.enabled=false"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
+        stdin=subprocess.DEVNULL,
+        preexec_fn=default_signals,
+    )
+    line = one_line(proc, f"vaelab-eval: interrupted: stopped by SIGTERM after {run_dir}/eval.json was written", code=143)
+    assert line.endswith("the results are complete") and (run_dir / "eval.json").stat().st_size > 0
 
 
 def test_a_key_given_twice_is_refused_with_the_value_in_effect(tmp_path):

@@ -86,10 +86,10 @@ def test_a_users_model_trains_resumes_and_loads_only_when_allowed(user_dir):
     )
     assert (user_dir / "gen" / "samples.png").is_file()
 
-    run_cli(f"resume_from={run_dir}", "epochs=2", cwd=user_dir, env=env)  # the run's own config names the class
+    run_cli(str(run_dir), "epochs=2", tool="vaelab-resume", cwd=user_dir, env=env)  # the run's own config names the class
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["epoch"] == 1
-    gone = run_cli(f"resume_from={run_dir}", "epochs=3", cwd=user_dir, check=False)  # the module is not on the path
-    line = one_line(gone, "vaelab-train: error: model.encoder._target_=mynets.TinyEncoder: cannot build 'mynets.TinyEncoder': ")
+    gone = run_cli(str(run_dir), "epochs=3", tool="vaelab-resume", cwd=user_dir, check=False)  # the module is not on the path
+    line = one_line(gone, "vaelab-resume: error: model.encoder._target_=mynets.TinyEncoder: cannot build 'mynets.TinyEncoder': ")
     assert "mynets cannot be imported (ModuleNotFoundError" in line and "PYTHONPATH" in line
 
 

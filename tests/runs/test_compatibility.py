@@ -68,7 +68,7 @@ def test_an_old_run_resumes_in_place(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(FIXTURE, run)
     before = read_metrics(run)
-    proc = run_cli(f"resume_from={run}", "epochs=3", "~callbacks.progress_bar")
+    proc = run_cli(str(run), "epochs=3", "~callbacks.progress_bar", tool="vaelab-resume")
     assert "Restoring states from the checkpoint path" in proc.stdout + proc.stderr
     after = read_metrics(run)
     assert after["val/loss"] < before["val/loss"]  # a third epoch trained on from the old weights

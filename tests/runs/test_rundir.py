@@ -20,8 +20,11 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import (
+    BIN,
+    DATA_DIR,
     FAST,
     PAUSING_ENV,
+    REPO,
     default_signals,
     event_accumulator,
     finished,
@@ -29,7 +32,6 @@ from conftest import (
     pause_at,
     read_metrics,
     run_cli,
-    run_with_file_limit,
     snapshot,
     start,
     train_run,
@@ -37,7 +39,8 @@ from conftest import (
 )
 from vaelab.errors import UserError
 from vaelab.files import atomic_write
-from vaelab.runs.rundir import ResumePoint, claim, first_step_logged_after, lock, record_resume, resumed
+from vaelab.runs.resume import ResumePoint, first_step_logged_after, record_resume, resumed
+from vaelab.runs.rundir import claim, lock
 
 BATCHES = 100  # per epoch; 2 epochs
 RUN = [
@@ -85,7 +88,7 @@ def paused(run_dir: Path, stage: str = "train", epoch: int = 1, batch: int = 5) 
 
 
 def resume(run_dir: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    return run_cli(f"resume_from={run_dir}", "~callbacks.pause", *extra, check=check)
+    return run_cli(str(run_dir), "~callbacks.pause", *extra, tool="vaelab-resume", check=check)
 
 
 # --- killed at any moment, resumed to the same figures -------------------------------------------------------------
@@ -147,7 +150,7 @@ def test_ctrl_c_and_sigterm_stop_cleanly_and_say_how_to_continue(tmp_path, refer
     line = one_line(done, f"vaelab-train: interrupted: stopped by {signal.Signals(signum).name} in epoch 1 at step ", code=code)
     assert line.endswith(
         f"the event files are flushed and the last checkpoint is {run_dir}/checkpoints/last.ckpt "
-        f"(end of epoch 0, step {BATCHES}); continue with: vaelab-train resume_from={run_dir}"
+        f"(end of epoch 0, step {BATCHES}); continue with: vaelab-resume {run_dir}"
     )
     assert not (run_dir / "metrics.json").exists()  # an interrupted run has no final figures
     assert "stopped by" in (run_dir / "train.log").read_text()
@@ -165,7 +168,7 @@ with exit_cleanly("vaelab-train"):
     try:
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)
-    except KeyboardInterrupt:
+    except BaseException:  # the stop, caught on its way by a library that then fails
         raise RecursionError("maximum recursion depth exceeded") from None
 """
 
@@ -246,9 +249,17 @@ def test_a_full_disk_while_resuming_keeps_the_last_checkpoint(tmp_path, referenc
     proc.wait(timeout=60)
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     limit_kib = len(before) // 1024 // 2
-    done = run_with_file_limit(limit_kib, f"resume_from={run_dir}", "~callbacks.pause")
-    line = one_line(done, f"vaelab-train: error: cannot write {run_dir}/")
-    assert "File too large. Everything written before is kept" in line and line.endswith(f"resume_from={run_dir}")
+    done = subprocess.run(
+        ["bash", "-c", f'ulimit -f {limit_kib} && exec "$0" "$@"', str(BIN / "vaelab-resume"), str(run_dir), "~callbacks.pause"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
+    )  # fmt: skip  (conftest's run_with_file_limit, for vaelab-resume)
+    line = one_line(done, f"vaelab-resume: error: cannot write {run_dir}/")
+    assert "File too large. Everything written before is kept" in line and line.endswith(f"vaelab-resume {run_dir}")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
     assert not list((run_dir / "checkpoints").glob(".*.tmp"))  # no half-written file left behind
 
@@ -274,10 +285,10 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, reference):
     (run_dir / "metrics.json").unlink()  # so that it has something left to do
     before = snapshot(run_dir)
     for extra, says in REFUSED:
-        proc = run_cli(f"resume_from={run_dir}", *extra, check=False)
-        assert says in one_line(proc, "vaelab-train: error: "), extra
+        proc = run_cli(str(run_dir), *extra, tool="vaelab-resume", check=False)
+        assert says in one_line(proc, "vaelab-resume: error: "), extra
         assert snapshot(run_dir) == before, extra
-    run_cli(f"resume_from={run_dir}", "trainer.limit_test_batches=1")
+    run_cli(str(run_dir), "trainer.limit_test_batches=1", tool="vaelab-resume")
     assert read_metrics(run_dir).keys() == read_metrics(reference).keys()
 
 
@@ -285,9 +296,9 @@ def test_a_reference_has_nothing_left_to_do(tmp_path, reference):
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
     before = snapshot(run_dir)
-    proc = run_cli(f"resume_from={run_dir}", check=False)
-    line = one_line(proc, f"vaelab-train: note: {run_dir} has nothing left to do: it trained 2 epochs", code=0)
-    assert line.endswith(f"to train it further: vaelab-train resume_from={run_dir} epochs=<more>")
+    proc = run_cli(str(run_dir), tool="vaelab-resume", check=False)
+    line = one_line(proc, f"vaelab-resume: note: {run_dir} has nothing left to do: it trained 2 epochs", code=0)
+    assert line.endswith(f"to train it further: vaelab-resume {run_dir} epochs=<more>")
     assert snapshot(run_dir) == before
 
 
@@ -307,22 +318,34 @@ def test_a_damaged_saved_config_is_named(tmp_path, reference, damage, says):
     shutil.copytree(reference, run_dir)
     damage(run_dir / ".hydra" / "config.yaml")
     before = snapshot(run_dir)
-    proc = run_cli(f"resume_from={run_dir}", check=False)
-    assert says in one_line(proc, "vaelab-train: error: ")
+    proc = run_cli(str(run_dir), tool="vaelab-resume", check=False)
+    assert says in one_line(proc, "vaelab-resume: error: ")
     assert snapshot(run_dir) == before
 
 
 @pytest.mark.parametrize("target,says", [("missing", "no such directory"), ("empty", "is not a vaelab-train run directory")])
-def test_resume_from_something_that_is_not_a_run(tmp_path, target, says):
+def test_resuming_something_that_is_not_a_run(tmp_path, target, says):
     (tmp_path / "empty").mkdir()
-    proc = run_cli(f"resume_from={tmp_path / target}", check=False)
-    assert says in one_line(proc, f"vaelab-train: error: resume_from={tmp_path / target}")
+    proc = run_cli(str(tmp_path / target), tool="vaelab-resume", check=False)
+    assert says in one_line(proc, f"vaelab-resume: error: {tmp_path / target}")
 
 
-def test_resume_from_cannot_be_swept(tmp_path, reference):
-    proc = run_cli("-m", f"resume_from={reference},{reference}", f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False)
-    assert "cannot be combined with -m" in one_line(proc, f"vaelab-train: error: resume_from={reference},{reference}")
+def test_a_resume_cannot_be_swept(tmp_path, reference):
+    proc = run_cli("-m", f"{reference},{reference}", f"hydra.sweep.dir={tmp_path / 'sweep'}", tool="vaelab-resume", check=False)
+    assert "cannot be combined with -m" in one_line(proc, f"vaelab-resume: error: {reference},{reference}")
     assert not (tmp_path / "sweep").exists()
+
+
+def test_vaelab_train_sends_a_resume_to_vaelab_resume(tmp_path):
+    """resume_from= is no longer a setting: one line naming the command that continues the run, nothing written."""
+    run_dir = tmp_path / "a run"
+    proc = run_cli(f"resume_from={run_dir}", "epochs=3", check=False, cwd=tmp_path)
+    line = one_line(proc, f"vaelab-train: error: resume_from={run_dir} is no longer a setting: ")
+    assert line.endswith(f"run vaelab-resume '{run_dir}'") and list(tmp_path.iterdir()) == []
+    proc = run_cli("", tool="vaelab-resume", check=False, cwd=tmp_path)
+    one_line(proc, "vaelab-resume: error: RUN_DIR='' is empty; name the run directory to continue, e.g. vaelab-resume ")
+    usage = run_cli("--help", tool="vaelab-resume", cwd=tmp_path).stdout
+    assert "usage: vaelab-resume [-h] RUN_DIR [key=value ...]" in usage and "vaelab-resume outputs/" in usage
 
 
 def test_two_resumes_of_one_run_at_once(tmp_path, reference):
@@ -332,15 +355,16 @@ def test_two_resumes_of_one_run_at_once(tmp_path, reference):
     proc.wait(timeout=60)
     marker = tmp_path / "again.paused"
     first = start(
-        f"resume_from={run_dir}",
+        str(run_dir),
         f"callbacks.pause.marker={marker}",
         "callbacks.pause.batch=20",
+        tool="vaelab-resume",
         log=tmp_path / "first",
         env=PAUSING_ENV,
     )
     wait_for(marker, first)
-    second = run_cli(f"resume_from={run_dir}", "~callbacks.pause", check=False)
-    one_line(second, f"vaelab-train: error: {run_dir} is in use by another vaelab command right now")
+    second = run_cli(str(run_dir), "~callbacks.pause", tool="vaelab-resume", check=False)
+    one_line(second, f"vaelab-resume: error: {run_dir} is in use by another vaelab command right now")
     first.kill()
     first.wait(timeout=60)
 
@@ -414,6 +438,7 @@ def test_the_resumed_config_is_the_saved_one_with_the_overrides(tmp_path):
     cfg = resumed(run, ["epochs=5", "~callbacks.pause", "+trainer.gradient_clip_val=1.0"])
     assert cfg.trainer.max_epochs == 5 and "pause" not in cfg.callbacks and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.paths.output_dir == str(run) and cfg.model.latent_dim == 16
+    assert "resume_from" not in cfg  # a retired setting, in configs saved before vaelab-resume
     for overrides, says in [
         (["model=conv"], "which a resume cannot swap"),
         (["nosuch=1"], "has no setting nosuch"),

@@ -1,28 +1,26 @@
-"""The console scripts `vaelab-train`, `vaelab-eval` and `vaelab-generate`.
+"""The console scripts: `vaelab-train`, `vaelab-eval` and `vaelab-generate` (Hydra applications), and `vaelab-resume`.
 
-Each enters `exit_cleanly` before anything heavy is imported (this module imports only vaelab.errors), so a
-bad setting, a Hydra composition error or a Ctrl-C during start-up ends in one line, like any other error.
+Each enters `exit_cleanly` before anything heavy is imported (this module imports only vaelab.errors): the signal
+policy is in place, and a bad setting, a Hydra composition error or a stop during start-up ends in one line.
 """
 
 from __future__ import annotations
 
-import sys
+from vaelab.errors import UserError, exit_cleanly, quiet
 
-from vaelab.errors import UserError, exit_cleanly, quiet_threads
+RESUME_EXAMPLE = """examples:
+  vaelab-resume outputs/2026-11-24/14-11-09             continue an interrupted run where it stopped
+  vaelab-resume outputs/2026-11-24/14-11-09 epochs=20   ... or train a finished one further
 
-
-def _quiet() -> None:
-    import logging
-
-    logging.captureWarnings(True)  # library warnings go to the run's log (and stdout); stderr is for errors
-    quiet_threads()
+It continues the run in place, from its newest checkpoint, with its own saved settings and the ones given (the
+config groups it was built from, e.g. model=conv, cannot change)."""
 
 
 def _run(prog: str, module: str, config_name: str) -> None:
     with exit_cleanly(prog):
         from importlib import import_module
 
-        _quiet()
+        quiet()
 
         import hydra
         from omegaconf.errors import OmegaConfBaseException
@@ -34,10 +32,10 @@ def _run(prog: str, module: str, config_name: str) -> None:
         started = []
 
         def task(cfg):  # the command's module (torch, Lightning) is imported once the settings have passed
+            from vaelab.runs.sweep import run_job
+
             started.append(True)
-            with exit_cleanly(prog):  # here too: Hydra adds a line of its own for a task that raises
-                command = import_module(module)
-            return command.hydra_task(cfg)
+            return run_job(prog, cfg, lambda: import_module(module).hydra_task(cfg))
 
         try:
             hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
@@ -51,30 +49,7 @@ def _run(prog: str, module: str, config_name: str) -> None:
 
 
 def train() -> None:
-    """`resume_from=<run dir> [settings]` is its own plain path (vaelab.commands.train.resume): the run's saved config, not
-    conf/, is what the settings change, so Hydra's command line is not involved."""
-    args = sys.argv[1:]
-    given = [a for a in args if a.split("=", 1)[0] == "resume_from"]
-    value = given[-1].split("=", 1)[1].strip("'\"") if given else ""
-    if value in ("", "null"):
-        return _run("vaelab-train", "vaelab.commands.train", "train")
-    with exit_cleanly("vaelab-train"):
-        flags = [a for a in args if a.startswith("-")]
-        if flags:
-            raise UserError(
-                f"resume_from={value} cannot be combined with {flags[0]}: it continues one run, in its own "
-                f"directory, with its own saved config and the settings given (key=value)"
-            )
-        conflict = next((a for a in args if a.split("=", 1)[0] in ("hydra.run.dir", "ckpt_path")), None)
-        if conflict:
-            raise UserError(
-                f"resume_from={value} cannot be combined with {conflict}: it continues that run in its own "
-                f"directory from its own newest checkpoint"
-            )
-        _quiet()
-        from vaelab.commands.train import resume
-
-        resume(value, [a for a in args if a.split("=", 1)[0] != "resume_from"])
+    _run("vaelab-train", "vaelab.commands.train", "train")
 
 
 def evaluate() -> None:
@@ -83,3 +58,33 @@ def evaluate() -> None:
 
 def generate() -> None:
     _run("vaelab-generate", "vaelab.commands.generate", "generate")
+
+
+def resume() -> None:
+    """`vaelab-resume RUN_DIR [key=value ...]`: the run's saved config, not conf/, is what the settings change, so
+    Hydra's command line is not involved (the overrides are read by Hydra's parser: vaelab.runs.resume.resumed)."""
+    with exit_cleanly("vaelab-resume"):
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message: str):  # one line, like every other refusal
+                raise UserError(f"{message}; `vaelab-resume --help` shows how to use it")
+
+        parser = Parser(
+            prog="vaelab-resume",
+            description="Continue a vaelab-train run in its own directory.",
+            epilog=RESUME_EXAMPLE,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, e.g. outputs/<date>/<time>")
+        parser.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="settings to change, e.g. epochs=20")
+        args, flags = parser.parse_known_args()
+        if flags:
+            raise UserError(
+                f"{args.run_dir} cannot be combined with {flags[0]}: it continues one run, in its own directory, with "
+                "its own saved config and the settings given (key=value)"
+            )
+        quiet()
+        from vaelab.commands.train import resume as continue_run
+
+        continue_run(args.run_dir, args.overrides)

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from vaelab.errors import build, recorded, stopped_by_signals
+from vaelab.errors import build, when_stopped
 from vaelab.evaluation import measures
 from vaelab.evaluation.bounds import active_units, likelihood, noisy_input_errors, plot_noise_errors
 from vaelab.evaluation.classifier import load_or_train_classifier, training_data
@@ -36,15 +36,38 @@ from vaelab.evaluation.test_data import test_set
 from vaelab.files import atomic_write
 from vaelab.model.likelihoods import describe
 from vaelab.model.vae import VAE
-from vaelab.runs import rundir, settings
 from vaelab.runs.checkpoints import load_vae
 from vaelab.runs.hardware import resolve_device
-from vaelab.runs.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 CONDITIONED = (
     "conditional VAE: every figure is conditioned on the true test labels (-log p(x|y), the encoder and decoder given y)"
 )
+
+
+def notes_on(vae: VAE, cfg: DictConfig) -> tuple[list[str], str]:
+    """How eval.json's figures are to be read, and how the test data was prepared against how the model was trained."""
+    hp, binarize = vae.settings, str(cfg.data.get("binarize") or "none")
+    notes = [
+        describe(hp["likelihood"], binarize),
+        "beta = 1 here (the true ELBO), whatever beta the model was trained with",
+        "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
+        "compared with the clean image",
+    ]
+    trained_on = str(hp.get("binarize", "none"))
+    if binarize == trained_on:
+        preparation = f"binarize={binarize}, as the model was trained (the checkpoint records it)"
+    else:
+        preparation = f"binarize={binarize} as asked, although the model was trained on binarize={trained_on}"
+        notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
+    if getattr(vae, "conditional", False):
+        notes.append(CONDITIONED)
+    if hp["objective"] == "notebook":
+        notes.append(
+            "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
+            "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)"
+        )
+    return notes, preparation
 
 
 def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.device, labels: torch.Tensor | None = None) -> dict:
@@ -59,27 +82,9 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     started = time.perf_counter()
     per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator, labels)
     noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator, labels)
-    hp = vae.settings
-    binarize = str(cfg.data.get("binarize") or "none")
-    notes = [
-        describe(hp["likelihood"], binarize),
-        "beta = 1 here (the true ELBO), whatever beta the model was trained with",
-        "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
-        "compared with the clean image",
-    ]
-    trained_on = str(hp.get("binarize", "none"))
-    if binarize == trained_on:
-        preparation = f"binarize={binarize}, as the model was trained (the checkpoint records it)"
-    else:
-        preparation = f"binarize={binarize} as asked, although the model was trained on binarize={trained_on}"
-        notes.append(f"evaluated on data.binarize={binarize} as asked, although the model was trained on {trained_on}")
-    if conditioned:
-        notes.append(CONDITIONED)
-    if hp["objective"] == "notebook":
-        notes.append(
-            "objective=notebook: the model samples z = mu + exp(logvar) * eps * epsilon_std in training; "
-            "this evaluates the proper posterior N(mu, exp(logvar)) instead (logvar as the log-variance)"
-        )
+    hp, binarize = vae.settings, str(cfg.data.get("binarize") or "none")
+    notes, preparation = notes_on(vae, cfg)
+    mean = {key: per_image[key].mean().item() for key in ("neg_elbo", "recon", "kl", "nll_iwae")}
     return {
         "ckpt_path": str(cfg.ckpt_path),
         "dataset": str(cfg.data.dataset),
@@ -97,17 +102,14 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         "conditioned_on": "the true test labels" if conditioned else None,
         "likelihood": str(hp["likelihood"]),
         "binarize": binarize,
-        "trained_binarize": trained_on,
+        "trained_binarize": str(hp.get("binarize", "none")),
         "data_preparation": preparation,
         "figures": describe(hp["likelihood"], binarize),
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
-        "neg_elbo": per_image["neg_elbo"].mean().item(),
-        "recon": per_image["recon"].mean().item(),
-        "kl": per_image["kl"].mean().item(),
-        "nll_iwae": per_image["nll_iwae"].mean().item(),
-        "neg_elbo_bpd": vae.bits_per_dim(per_image["neg_elbo"].mean().item()),
-        "nll_iwae_bpd": vae.bits_per_dim(per_image["nll_iwae"].mean().item()),
+        **mean,
+        "neg_elbo_bpd": vae.bits_per_dim(mean["neg_elbo"]),
+        "nll_iwae_bpd": vae.bits_per_dim(mean["nll_iwae"]),
         "active_units": active_units(per_image["mu"], float(cfg.active_unit_threshold)),
         "active_unit_threshold": float(cfg.active_unit_threshold),
         "noisy_inputs": noisy,
@@ -135,67 +137,15 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
             "labelled images: for a folder of images, one subfolder per class)"
         )
         return result
-
-    def seeded() -> torch.Generator:  # one of its own for each figure: each is the same whether the others run or not
-        return torch.Generator(device=device).manual_seed(int(cfg.seed))
-
     if cfg.linear_probe.enabled:
-        started, generator = time.perf_counter(), seeded()
-        probe = cfg.linear_probe
-        count = len(train_x) if probe.train_images is None else min(int(probe.train_images), len(train_x))
-        x, y, tx, ty = train_x[:count].to(device), train_y[:count].to(device), test_x.to(device), test_y.to(device)
-        if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
-            x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
-        settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
-        codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator, vae.labels_of(y))
-        test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator, vae.labels_of(ty))
-        result["linear_probe_accuracy"] = measures.linear_probe(codes, y, test_codes, ty, **settings)
-        result["linear_probe"] = {
-            "chance": measures.chance_level(ty),
-            "raw_pixels_accuracy": measures.linear_probe(x, y, tx, ty, **settings),
-            "features": "posterior means E_q[z|x] (raw_pixels: the images themselves), standardised",
-            "train_images": count,
-            "test_images": len(ty),
-            **settings,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-
+        result["linear_probe_accuracy"], result["linear_probe"] = linear_probe(
+            vae, cfg, (train_x, train_y, test_x, test_y), device
+        )
     if cfg.frechet.enabled:
-        started, generator = time.perf_counter(), seeded()
         if cfg.data.get("binarize", "none") != "none":  # the classifier and the real side: grey levels
             datamodule = build(cfg.data, "data", binarize="none")
-            train_x, _ = training_data(datamodule)
-            test_x = datamodule.test_set[0][:num_images]
-        spec = cfg.classifier
-        model, accuracy = load_or_train_classifier(
-            datamodule, int(spec.epochs), int(spec.seed), spec.train_images, spec.cache_dir, device
-        )
-        classifier_seconds = time.perf_counter() - started
-        started = time.perf_counter()
-        n = min(int(cfg.frechet.num_samples), len(test_x))
-        real, real_labels = test_x[:n].to(device), test_y[:n].to(device)
-        distances = measures.frechet_distances(
-            model,
-            real,
-            {
-                "samples": measures.prior_samples(vae, n, int(cfg.batch_size), generator, vae.labels_of(real_labels)),
-                "reconstructions": measures.reconstructions(
-                    vae, real, int(cfg.batch_size), generator, vae.labels_of(real_labels)
-                ),
-                "train_vs_test": train_x[:n].to(device),
-            },
-            int(cfg.batch_size),
-        )
-        result["frechet_distance"] = distances.pop("samples")
-        result["frechet"] = {
-            **distances,
-            "num_samples": n,
-            "features": f"the penultimate layer ({model.num_features} units) of vaelab's classifier of this data, not Inception v3",
-            "classifier_test_accuracy": accuracy,
-            "classifier_train_images": len(train_x) if spec.train_images is None else min(int(spec.train_images), len(train_x)),
-            "classifier_seconds": round(classifier_seconds, 2),
-            "seconds": round(time.perf_counter() - started, 2),
-        }
+            train_x, test_x = training_data(datamodule)[0], datamodule.test_set[0][:num_images]
+        result["frechet_distance"], result["frechet"] = frechet(vae, cfg, datamodule, (train_x, test_x, test_y), device)
         result["notes"].append(
             "frechet_distance: prior samples (the decoder's mean images) against the first num_samples test images "
             "(grey levels); frechet.reconstructions: the mean images of their posterior means; frechet.train_vs_test: "
@@ -207,6 +157,61 @@ def probe_and_frechet(vae: VAE, cfg: DictConfig, num_images: int, device: torch.
             "prior sample i the label of test image i (the test set's class mix)"
         )
     return result
+
+
+def seeded(cfg: DictConfig, device: torch.device) -> torch.Generator:
+    """One of its own for each figure: each is the same whether the others run or not."""
+    return torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+
+def linear_probe(vae: VAE, cfg: DictConfig, data: tuple, device: torch.device) -> tuple[float, dict]:
+    """The probe's test accuracy on the posterior means, with the raw pixels' and chance's beside it."""
+    (train_x, train_y, test_x, test_y), probe = data, cfg.linear_probe
+    started, generator = time.perf_counter(), seeded(cfg, device)
+    count = len(train_x) if probe.train_images is None else min(int(probe.train_images), len(train_x))
+    x, y, tx, ty = train_x[:count].to(device), train_y[:count].to(device), test_x.to(device), test_y.to(device)
+    if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
+        x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
+    settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
+    codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator, vae.labels_of(y))
+    test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator, vae.labels_of(ty))
+    return measures.linear_probe(codes, y, test_codes, ty, **settings), {
+        "chance": measures.chance_level(ty),
+        "raw_pixels_accuracy": measures.linear_probe(x, y, tx, ty, **settings),
+        "features": "posterior means E_q[z|x] (raw_pixels: the images themselves), standardised",
+        "train_images": count,
+        "test_images": len(ty),
+        **settings,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def frechet(vae: VAE, cfg: DictConfig, datamodule, data: tuple, device: torch.device) -> tuple[float, dict]:
+    """The Fréchet distance of prior samples to test images in the features of vaelab's classifier of this data, with
+    the reconstructions' and the training images' beside it."""
+    (train_x, test_x, test_y), spec = data, cfg.classifier
+    started, generator = time.perf_counter(), seeded(cfg, device)
+    model, accuracy = load_or_train_classifier(
+        datamodule, int(spec.epochs), int(spec.seed), spec.train_images, spec.cache_dir, device
+    )
+    classifier_seconds, started = time.perf_counter() - started, time.perf_counter()
+    n, batch = min(int(cfg.frechet.num_samples), len(test_x)), int(cfg.batch_size)
+    real, labels = test_x[:n].to(device), vae.labels_of(test_y[:n].to(device))
+    fakes = {
+        "samples": measures.prior_samples(vae, n, batch, generator, labels),
+        "reconstructions": measures.reconstructions(vae, real, batch, generator, labels),
+        "train_vs_test": train_x[:n].to(device),
+    }
+    distances = measures.frechet_distances(model, real, fakes, batch)
+    return distances.pop("samples"), {
+        **distances,
+        "num_samples": n,
+        "features": f"the penultimate layer ({model.num_features} units) of vaelab's classifier of this data, not Inception v3",
+        "classifier_test_accuracy": accuracy,
+        "classifier_train_images": len(train_x) if spec.train_images is None else min(int(spec.train_images), len(train_x)),
+        "classifier_seconds": round(classifier_seconds, 2),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
 
 
 def summary(result: dict) -> str:
@@ -244,9 +249,7 @@ def summary(result: dict) -> str:
 
 def run(cfg: DictConfig) -> dict:
     """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
-    settings.check(cfg, "eval")
     output_dir = Path(cfg.paths.output_dir)
-    rundir.lock(output_dir)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
     images, labels = test_set(cfg, vae)
@@ -261,6 +264,7 @@ def run(cfg: DictConfig) -> dict:
     )
     plot_noise_errors(result["noisy_inputs"], output_dir / "noise_error.png", title)
     atomic_write(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")
+    when_stopped(f" after {output_dir / 'eval.json'} was written: the results are complete")
     log.info("\n%s", summary(result))
     log.info("wrote %s and %s", output_dir / "eval.json", output_dir / "noise_error.png")
     return result
@@ -268,6 +272,5 @@ def run(cfg: DictConfig) -> dict:
 
 def hydra_task(cfg: DictConfig) -> float:
     """The Hydra task of `vaelab-eval`; returns the IWAE estimate of -log p(x) (for sweeps over checkpoints)."""
-    unfinished = "eval.json is written only at the end: run it again for the results"
-    with job_reporting("vaelab-eval"), recorded(), stopped_by_signals(unfinished):
-        return run(cfg)["nll_iwae"]
+    when_stopped("; eval.json is written only at the end: run it again for the results")
+    return run(cfg)["nll_iwae"]

@@ -19,12 +19,10 @@ import torch
 from omegaconf import DictConfig
 
 from vaelab.data.tensors import seeded_order
-from vaelab.errors import UserError, recorded, stopped_by_signals
+from vaelab.errors import UserError, when_stopped
 from vaelab.pictures.png import save_png
-from vaelab.runs import rundir, settings
 from vaelab.runs.checkpoints import load_vae
 from vaelab.runs.hardware import resolve_device
-from vaelab.runs.sweep import job_reporting
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +50,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     from vaelab.evaluation.test_data import test_set
     from vaelab.model.latent import interpolation_rows
 
-    settings.check(cfg, "generate")
     output_dir = Path(cfg.paths.output_dir)
-    rundir.lock(output_dir)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
     class_names = vae.class_names  # None for an unconditional VAE
@@ -85,6 +81,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         written["interpolation"] = output_dir / "interpolation.png"
         save_png(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
 
+    when_stopped(f" after the pictures were written in {output_dir}: they are complete")
     for path in written.values():
         log.info("wrote %s", path)
     return written
@@ -92,5 +89,5 @@ def run(cfg: DictConfig) -> dict[str, Path]:
 
 def hydra_task(cfg: DictConfig) -> None:
     """The Hydra task of `vaelab-generate`."""
-    with job_reporting("vaelab-generate"), recorded(), stopped_by_signals("run it again for the pictures"):
-        run(cfg)
+    when_stopped("; run it again for the pictures")
+    run(cfg)

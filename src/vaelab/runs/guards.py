@@ -4,7 +4,8 @@
 - FiniteLoss: training stops at the first non-finite logged training loss or validation loss, naming the
   last good checkpoint. It reads the logged values (one host sync per logging window, not per step).
 - ProcessGroupTeardown: under DDP each rank's process group is destroyed at exit.
-`interruptions()` turns Lightning's handling of Ctrl-C and SIGTERM into Interrupted, which says how to continue.
+`interruptions()`: while a trainer fits or tests, SIGTERM is Lightning's (vaelab.errors' signal policy), and a stop by
+either signal ends as an Interrupted that says where training stopped and how to continue.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from vaelab.data.tensors import epoch_seed
-from vaelab.errors import Interrupted, UserError
+from vaelab.errors import Interrupted, UserError, deferred
 
 CHECKPOINT_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
 
@@ -148,24 +149,24 @@ def describe_last_checkpoint(trainer: pl.Trainer) -> str:
 
 @contextlib.contextmanager
 def interruptions(trainer: pl.Trainer, run_dir: Path) -> Iterator[None]:
-    """Turn Lightning's end of an interrupted fit or test into Interrupted.
-
-    Lightning handles both signals: on Ctrl-C it calls the on_exception hooks, closes the loggers and exits 1;
-    on SIGTERM it finishes the current batch and raises SIGTERMException (a SystemExit with status 0). Both
-    would hide that the run was interrupted.
-    """
+    """SIGTERM is left to Lightning, which finishes the batch, flushes and raises SIGTERMException (a SystemExit with
+    status 0); SIGINT is the policy's Interrupted, or where the policy is not installed (a sweep's worker) Python's
+    KeyboardInterrupt, which Lightning turns into exit status 1. Each ends here as Interrupted, saying how to go on."""
     try:
-        yield
-    except SystemExit as exit_:
-        if isinstance(exit_, SIGTERMException):
+        with deferred(signal.SIGTERM):
+            yield
+    except (SystemExit, Interrupted) as stop:
+        if isinstance(stop, SIGTERMException):
             signum = signal.SIGTERM
-        elif isinstance(exit_.__context__, KeyboardInterrupt):
+        elif isinstance(stop, Interrupted):
+            signum = stop.exit_code - 128
+        elif isinstance(stop.__context__, KeyboardInterrupt):
             signum = signal.SIGINT
         else:
             raise
         raise Interrupted(
             f"stopped by {signal.Signals(signum).name} in epoch {trainer.current_epoch} at step "
             f"{trainer.global_step}; the event files are flushed and {describe_last_checkpoint(trainer)}; "
-            f"continue with: vaelab-train resume_from={shlex.quote(str(run_dir))}",
+            f"continue with: vaelab-resume {shlex.quote(str(run_dir))}",
             signum,
         ) from None

@@ -1,5 +1,6 @@
 """What vaelab's classes were called before the redesign, and their names today: one table, read wherever a class name
-is read from disk (a checkpoint's hyper_parameters, a resumed run's saved config). Plain Python: start-up imports it."""
+is read from disk (a checkpoint's hyper_parameters, a resumed run's saved config); and the settings that are settings
+no more. Plain Python: start-up imports it."""
 
 from __future__ import annotations
 
@@ -45,3 +46,15 @@ def renamed(node: Any) -> Any:
         for value in node.values():
             renamed(value)
     return node
+
+
+# Settings that are settings no more, and what does their job now: the line for one given on the command line
+# (vaelab.runs.rundir; vaelab.errors where the schema no longer has it); a saved run config's is dropped (resume).
+RETIRED = {"resume_from": "to continue a run in place, run vaelab-resume {}"}
+
+
+def retired(key: str, value: str) -> str:
+    import shlex
+
+    given = shlex.quote(value) if value not in ("", "null") else "<run dir>"
+    return f"{key}={value} is no longer a setting: {RETIRED[key].format(given)}"

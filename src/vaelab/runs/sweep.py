@@ -14,9 +14,8 @@ import logging
 import math
 import os
 import signal
-import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from vaelab.errors import DISK_ERRNOS, Interrupted, UserError, disk_message, exit_cleanly, one_line, quiet_threads
+from vaelab.errors import DISK_ERRNOS, Interrupted, UserError, disk_message, end, exit_cleanly, one_line, quiet, record, stop_with
 from vaelab.files import atomic_write
 from vaelab.runs import workers
-from vaelab.runs.rundir import MARKER
+from vaelab.runs.rundir import COMMANDS, MARKER, check_run
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +43,7 @@ METRIC_COLUMNS = (
     "test/nll_iwae_bpd",
 )
 LABELS = ("likelihood", "binarize")  # what the figures are, from each job's metrics.json
-COLUMNS = (
-    "rank",
-    "job",
-    "status",
-    "val/nelbo",
-    *METRIC_COLUMNS,
-    *LABELS,
-    "epochs",
-    "wall_time_s",
-    "overrides",
-    "error",
-    "dir",
-)
+COLUMNS = ("rank", "job", "status", "val/nelbo", *METRIC_COLUMNS, *LABELS, "epochs", "wall_time_s", "overrides", "error", "dir")
 MD_COLUMNS = COLUMNS[:-1]  # the table leaves out dir: the job number starts the directory's name
 
 
@@ -110,11 +97,6 @@ def _read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _one_line(error: BaseException) -> str:
-    text = one_line(error)
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -234,47 +216,47 @@ def how_far(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     return (
         f"the sweep stopped with {counts['ok']} job(s) done, {counts['failed']} failed and {counts['interrupted']} "
-        f"interrupted (each continues with vaelab-train resume_from=<its job dir>); summary: {sweep_dir / 'summary.md'}"
+        f"interrupted (each continues with vaelab-resume <its job dir>); summary: {sweep_dir / 'summary.md'}"
     )
 
 
-@contextlib.contextmanager
-def job_reporting(prog: str) -> Iterator[None]:
-    """Around a command's task. A single run: its errors end the command in one line (here, inside the task,
-    because Hydra prints an extra line for a task that raises). A sweep job, in its own process: a UserError
-    marks the job failed and the sweep goes on (SweepSummary ends it in one line naming the failures); an
-    interruption marks the job and ends the sweep saying how far it got, or, in a joblib worker whose sweep has
-    ended (the parent-death signal, `join_sweep`), ends the worker."""
+def run_job(prog: str, cfg: DictConfig, work: Callable[[], Any]) -> Any:
+    """A command's task (vaelab.commands.cli), where Hydra would print a line of its own for a task that raises and go
+    on to a sweep's next job. A single run: its errors end the command here, in one line. A sweep's job, in the sweep's
+    process or a joblib worker: its settings are checked here (a single run's were, by RunDirectory, before its
+    directory was made); a refusal or a disk fault marks it failed and the sweep goes on (SweepSummary ends it in one
+    line naming the failures); a stop marks it and ends the sweep saying how far it got, or, in a joblib worker whose
+    sweep has ended (the parent-death signal), ends the worker."""
     from hydra.core.hydra_config import HydraConfig
 
-    logging.captureWarnings(True)  # library warnings go to the job's log (a joblib worker starts afresh)
-    quiet_threads()
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        with exit_cleanly(prog):
-            yield
-        return
-    hydra_cfg = HydraConfig.get()
-    job_dir, sweep_dir = Path(hydra_cfg.runtime.output_dir), Path(hydra_cfg.sweep.dir)
+    if HydraConfig.get().mode != RunMode.MULTIRUN:
+        with exit_cleanly(prog):  # Hydra's own line for a task that raises forces this second boundary
+            return work()
+    quiet()  # a joblib worker starts afresh
+    job_dir, sweep_dir = Path(HydraConfig.get().runtime.output_dir), Path(HydraConfig.get().sweep.dir)
     try:
-        yield
+        check_run(cfg, COMMANDS[prog])
+        return work()
     except (UserError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
             raise
         message = disk_message(err) if isinstance(err, OSError) else str(err)
-        if not getattr(err, "recorded", False):
-            log.error("%s: error: %s", prog, one_line(message))
+        record(err, message)
         _update_status(job_dir, sweep_dir, status="failed", error=one_line(message))
     except Exception as err:  # a bug: recorded, and its traceback left to Hydra
-        _update_status(job_dir, sweep_dir, status="failed", error=_one_line(err))
+        _update_status(job_dir, sweep_dir, status="failed", error=f"{type(err).__name__}: {one_line(err)}".rstrip(": "))
         raise
     except (Interrupted, KeyboardInterrupt) as err:
-        message = str(err) if isinstance(err, Interrupted) else "stopped by SIGINT"
+        message, code = (str(err) if isinstance(err, Interrupted) else "stopped by SIGINT"), getattr(err, "exit_code", 130)
+        record(err, message)
         if workers.sweep_ended():  # no one is left to report to, or to stop this worker
             why = f"the sweep's main process ended while this job ran: {message}"
             _update_status(job_dir, sweep_dir, status="interrupted", error=one_line(why))
-            os._exit(getattr(err, "exit_code", 130))
+            os._exit(code)  # loky would take a SystemExit for the job's result and give this worker the next job
         _update_status(job_dir, sweep_dir, status="interrupted", error=one_line(message))
-        raise Interrupted(f"{message}; {how_far(collect(sweep_dir), sweep_dir)}", getattr(err, "exit_code", 130) - 128) from None
+        stop = Interrupted(f"{message}; {how_far(collect(sweep_dir), sweep_dir)}", code - 128)
+        stop.recorded = True  # type: ignore[attr-defined]  (in the job's log already)
+        raise stop from None
 
 
 class SweepSummary(Callback):
@@ -284,13 +266,9 @@ class SweepSummary(Callback):
     The summary is rewritten as each job ends, in the job's own process (with the joblib launcher, a worker),
     because Hydra's basic sweeper raises after a batch with a failed job and never calls on_multirun_end;
     on_multirun_end writes it once more, and marks jobs that never reported as interrupted. A joblib sweep's main
-    process passes SIGTERM or SIGINT on to its workers, waits for them to stop their jobs cleanly, and exits; its
-    workers end with it however it ends (vaelab.runs.workers).
+    process, stopped by SIGTERM or SIGINT, passes it on to its workers, waits for them to stop their jobs cleanly, and
+    exits (vaelab.errors.stop_with); its workers end with it however it ends (vaelab.runs.workers).
     """
-
-    @staticmethod
-    def _is_multirun(config: DictConfig) -> bool:
-        return config.hydra.mode == RunMode.MULTIRUN
 
     def __init__(self, fail_on_failed_jobs: bool = True):
         self.fail_on_failed_jobs = fail_on_failed_jobs  # false for a search whose failed trials are part of it (Optuna)
@@ -301,9 +279,7 @@ class SweepSummary(Callback):
             self.sweep_pid = os.getpid()
             workers.start_with_initializer(self.sweep_pid)
             sweep_dir, app = Path(config.hydra.sweep.dir), config.hydra.help.app_name
-            handler = lambda signum, frame: self.stop_workers(signum, sweep_dir, app)  # noqa: E731
-            signal.signal(signal.SIGTERM, handler)
-            signal.signal(signal.SIGINT, handler)
+            stop_with(lambda signum: self.stop_workers(signum, sweep_dir, app))
 
     @staticmethod
     def stop_workers(signum: int, sweep_dir: Path, app: str, grace: float = 60.0) -> None:
@@ -327,34 +303,28 @@ class SweepSummary(Callback):
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         rows = _mark_unfinished(sweep_dir, f"the sweep was stopped by {signal.Signals(signum).name}")
-        os.write(stderr, f"{app}: interrupted: stopped by {signal.Signals(signum).name}; {how_far(rows, sweep_dir)}\n".encode())
-        os._exit(128 + signum)  # joblib's own shutdown would wait for workers that are gone
+        message = f"stopped by {signal.Signals(signum).name}; {how_far(rows, sweep_dir)}"
+        end(app, "interrupted", message, 128 + signum, fd=stderr, at_once=True)  # joblib's shutdown would wait for them
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if not self._is_multirun(config):
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         if self.sweep_pid is not None:
             workers.join_sweep(self.sweep_pid)  # no job starts once the sweep has ended
-        job_dir = Path(config.hydra.runtime.output_dir)
+        status = {"job": int(config.hydra.job.num), "status": "running", "started": time.time()}
         _write_json(
-            job_dir / STATUS_FILE,
-            {
-                "job": int(config.hydra.job.num),
-                "status": "running",
-                "started": time.time(),
-                "overrides": list(config.hydra.overrides.task),
-            },
+            Path(config.hydra.runtime.output_dir) / STATUS_FILE, status | {"overrides": list(config.hydra.overrides.task)}
         )
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
-        if not self._is_multirun(config):
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         from hydra.core.utils import JobStatus
 
         job_dir = Path(config.hydra.runtime.output_dir)
         status = _read_json(job_dir / STATUS_FILE)
         started = status.get("started")
-        error = status.get("error", "") if status.get("status") == "failed" else ""  # job_reporting's record
+        error = status.get("error", "") if status.get("status") == "failed" else ""  # run_job's record
         if job_return.status != JobStatus.COMPLETED and not error:
             error = "the job failed (see its log)"
         _update_status(
@@ -384,10 +354,8 @@ class SweepSummary(Callback):
         failed = sorted((r for r in rows if r["status"] != "ok"), key=lambda r: r["job"] if r["job"] is not None else math.inf)
         if failed and self.fail_on_failed_jobs:  # every job has run (Hydra's way); the sweep then fails, in one line
             first = failed[0]
-            print(
-                f"{config.hydra.help.app_name}: error: {len(failed)} of {len(rows)} jobs failed; the first, job "
-                f"{first['job']} ({first['overrides']}): {first['error']}; summary: {sweep_dir / 'summary.md'}",
-                file=sys.stderr,
-                flush=True,
+            message = (
+                f"{len(failed)} of {len(rows)} jobs failed; the first, job {first['job']} ({first['overrides']}): "
+                f"{first['error']}; summary: {sweep_dir / 'summary.md'}"
             )
-            sys.exit(1)
+            end(config.hydra.help.app_name, "error", message, 1)  # a callback: Hydra would take an error for a warning

@@ -3,7 +3,7 @@
 The kernel does the watching: each worker asks, first thing, for SIGTERM when the sweep's main process ends
 (prctl PR_SET_PDEATHSIG), then checks the sweep is still its parent (a sweep that died before the request left
 its workers to another parent: they end at once). SIGTERM then stops a training job at the next batch (Lightning's
-handler; vaelab.runs.sweep.job_reporting records the job as interrupted and ends the worker) and ends a worker
+handler; vaelab.runs.sweep.run_job records the job as interrupted and ends the worker) and ends a worker
 anywhere else. Each job's start checks again, so no job starts once the sweep has ended.
 
 Linux only (like the /proc listing the sweep stops its workers with). Only the standard library is imported here at
