@@ -24,7 +24,8 @@ BIN = Path(sys.executable).parent
 DATA_DIR = Path(os.environ.get("VAELAB_DATA_DIR", REPO / "data"))
 
 # A few batches of real data: enough to train visibly, small enough for a test. Three epochs, not the default ten:
-# each epoch adds its validation and pictures (about 0.7 s a run here), and three already make a curve.
+# each epoch adds its validation and pictures (about 0.7 s a run here), and three already make a curve. Validation
+# and test batches of 250: 1,000 images each (the IWAE bound of the test stage is most of their cost).
 FAST = [
     "epochs=3",
     "trainer.limit_train_batches=20",
@@ -32,6 +33,7 @@ FAST = [
     "trainer.limit_test_batches=4",
     "trainer.log_every_n_steps=5",
     "batch_size=64",
+    "data.eval_batch_size=250",
     "~callbacks.progress_bar",
 ]
 
@@ -90,12 +92,32 @@ def event_accumulator(run_dir: Path):
     return acc
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """`<shared>/<name>/run`, made by `make(run_dir)` once for the whole test session: pytest-xdist gives each worker
+    a session of its own, so a session fixture would otherwise train the same run once per worker. The first worker
+    makes it under a lock; the others wait for it and read it (these runs are read-only to the tests)."""
+    import fcntl
+    import shutil
+
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root  # the folder all workers share
+    folder = root / f"made-once-{name}"
+    with open(root / f"made-once-{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            make(folder / "run")
+            (folder / ".made").touch()
+    return folder / "run"
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory) -> Path:
     """One short real training run shared by the read-only tests."""
-    run_dir = tmp_path_factory.mktemp("trained") / "run"
-    train_run(run_dir, "epochs=2", "latent_dim=16", "noise_factor=0.3")
-    return run_dir
+    return made_once(
+        tmp_path_factory, "trained", lambda run_dir: train_run(run_dir, "epochs=2", "latent_dim=16", "noise_factor=0.3")
+    )
 
 
 # The short conditional run the conditional tests share: one epoch of 300 batches of 128 of an mlp VAE with a 2-D
@@ -115,9 +137,7 @@ CONDITIONAL_RUN = [
 @pytest.fixture(scope="session")
 def conditional_run(tmp_path_factory) -> Path:
     """One short real conditional training run (model.conditional=true) shared by the read-only tests."""
-    run_dir = tmp_path_factory.mktemp("conditional") / "run"
-    train_run(run_dir, *CONDITIONAL_RUN)
-    return run_dir
+    return made_once(tmp_path_factory, "conditional", lambda run_dir: train_run(run_dir, *CONDITIONAL_RUN))
 
 
 @pytest.fixture
@@ -277,20 +297,22 @@ def rgb_data(folder: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def rgb_run(tmp_path_factory) -> tuple[Path, Path]:
     """(run dir, image folder): model=conv with the discretized logistic on 210 coloured shapes, every picture on."""
-    base = tmp_path_factory.mktemp("rgb")
-    folder = draw_shapes(base / "shapes")
-    run_dir = base / "run"
-    train_run(
-        run_dir,
-        *rgb_data(folder),
-        "model=conv",
-        "model.likelihood=discretized_logistic",
-        "latent_dim=8",
-        "epochs=2",
-        "lr=3e-3",
-        "batch_size=32",
-    )
-    return run_dir, folder
+
+    def make(run_dir: Path) -> None:
+        folder = draw_shapes(run_dir.parent / "shapes")
+        train_run(
+            run_dir,
+            *rgb_data(folder),
+            "model=conv",
+            "model.likelihood=discretized_logistic",
+            "latent_dim=8",
+            "epochs=2",
+            "lr=3e-3",
+            "batch_size=32",
+        )
+
+    run_dir = made_once(tmp_path_factory, "rgb", make)
+    return run_dir, run_dir.parent / "shapes"
 
 
 # --- the two tiers ---------------------------------------------------------------------------------------------
@@ -332,6 +354,19 @@ def starts_a_process(function) -> bool:
     return _starts_a_process(inspect.getsource(function), process_starters(inspect.getmodule(function)))
 
 
+# The modules that took longest (`make test` prints --durations=15; the sum per module, measured 2026-12-03).
+LONGEST = (
+    "runs/test_rundir.py",
+    "commands/test_battery.py",
+    "runs/test_sweep.py",
+    "pictures/test_callbacks.py",
+    "commands/test_train.py",
+    "commands/test_user_configs.py",
+    "runs/test_checkpoints.py",
+    "commands/test_evaluate.py",
+)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     tests = Path(__file__).parent
     for item in items:
@@ -341,3 +376,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         ]  # not pytest's
         if any(starts_a_process(f) for f in ours):
             item.add_marker(pytest.mark.shell)
+    # The longest modules first: pytest-xdist (--dist loadscope) hands whole modules to its workers in collection
+    # order, so a long module that comes last keeps one worker busy alone while the other waits (the suite's end).
+    items.sort(
+        key=lambda item: (
+            LONGEST.index(item.path.relative_to(tests).as_posix())
+            if item.path.relative_to(tests).as_posix() in LONGEST
+            else len(LONGEST)
+        )
+    )
