@@ -248,11 +248,11 @@ def idx_bytes(array, magic: int) -> bytes:
     return struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape) + array.numpy().tobytes()
 
 
-def run_with_file_limit(kib: int, *args: str) -> subprocess.CompletedProcess:
-    """vaelab-train under `ulimit -f` (Python ignores SIGXFSZ, so a write past the limit fails with EFBIG): a full
+def run_with_file_limit(kib: int, *args: str, tool: str = "vaelab-train") -> subprocess.CompletedProcess:
+    """A console script under `ulimit -f` (Python ignores SIGXFSZ, so a write past the limit fails with EFBIG): a full
     disk in miniature."""
     return subprocess.run(
-        ["bash", "-c", f'ulimit -f {kib} && exec "$0" "$@"', str(BIN / "vaelab-train"), *args],
+        ["bash", "-c", f'ulimit -f {kib} && exec "$0" "$@"', str(BIN / tool), *args],
         capture_output=True,
         text=True,
         timeout=300,

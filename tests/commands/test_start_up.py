@@ -14,6 +14,20 @@ from conftest import DATA_DIR, REPO, default_signals, one_line, run_cli
 
 CHECKPOINT = REPO / "tests" / "fixtures" / "run-4c48284" / "checkpoints" / "last.ckpt"
 
+
+def python_c(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c script args...`: a command started by a script that arranges its stop (as a shell starts it)."""
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
+        stdin=subprocess.DEVNULL,
+        preexec_fn=default_signals,
+    )
+
+
 # SIGTERM sent by the process to itself just as `module` is first imported: a stop at a chosen point of start-up.
 SIGTERM_AT_AN_IMPORT = """
 import os, signal, sys
@@ -43,15 +57,7 @@ getattr(vaelab.commands.cli, {"vaelab-train": "train", "vaelab-eval": "evaluate"
 def test_sigterm_during_start_up_is_one_line(tmp_path, tool, module, before):
     run_dir = tmp_path / "run"
     args = [f"hydra.run.dir={run_dir}"] + ([f"ckpt_path={CHECKPOINT}"] if tool != "vaelab-train" else ["epochs=1"])
-    proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_AT_AN_IMPORT, module, tool, *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
-        stdin=subprocess.DEVNULL,
-        preexec_fn=default_signals,
-    )
+    proc = python_c(SIGTERM_AT_AN_IMPORT, module, tool, *args)
     line = one_line(proc, f"{tool}: interrupted: stopped by SIGTERM before {before}", code=128 + signal.SIGTERM)
     assert not (run_dir / "eval.json").exists() and not (run_dir / "checkpoints").exists()
     if run_dir.exists():  # claimed before the signal came: the line says where it is, and what it holds
@@ -81,15 +87,7 @@ def test_sigterm_after_eval_json_was_written_is_one_line(tmp_path):
     """It ended the command with exit status 143 and no line."""
     run_dir = tmp_path / "run"
     args = [f"ckpt_path={CHECKPOINT}", f"hydra.run.dir={run_dir}", "num_images=20", "linear_probe.enabled=false"]
-    proc = subprocess.run(
-        [sys.executable, "-c", SIGTERM_AFTER_EVAL_JSON, *args, "frechet.enabled=false"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
-        stdin=subprocess.DEVNULL,
-        preexec_fn=default_signals,
-    )
+    proc = python_c(SIGTERM_AFTER_EVAL_JSON, *args, "frechet.enabled=false")
     line = one_line(proc, f"vaelab-eval: interrupted: stopped by SIGTERM after {run_dir}/eval.json was written", code=143)
     assert line.endswith("the results are complete") and (run_dir / "eval.json").stat().st_size > 0
 

@@ -20,11 +20,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import (
-    BIN,
-    DATA_DIR,
     FAST,
     PAUSING_ENV,
-    REPO,
     default_signals,
     event_accumulator,
     finished,
@@ -32,6 +29,7 @@ from conftest import (
     pause_at,
     read_metrics,
     run_cli,
+    run_with_file_limit,
     snapshot,
     start,
     train_run,
@@ -249,15 +247,7 @@ def test_a_full_disk_while_resuming_keeps_the_last_checkpoint(tmp_path, referenc
     proc.wait(timeout=60)
     before = (run_dir / "checkpoints" / "last.ckpt").read_bytes()
     limit_kib = len(before) // 1024 // 2
-    done = subprocess.run(
-        ["bash", "-c", f'ulimit -f {limit_kib} && exec "$0" "$@"', str(BIN / "vaelab-resume"), str(run_dir), "~callbacks.pause"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        stdin=subprocess.DEVNULL,
-        env={**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)},
-    )  # fmt: skip  (conftest's run_with_file_limit, for vaelab-resume)
+    done = run_with_file_limit(limit_kib, str(run_dir), "~callbacks.pause", tool="vaelab-resume")
     line = one_line(done, f"vaelab-resume: error: cannot write {run_dir}/")
     assert "File too large. Everything written before is kept" in line and line.endswith(f"vaelab-resume {run_dir}")
     assert (run_dir / "checkpoints" / "last.ckpt").read_bytes() == before
