@@ -28,6 +28,7 @@ def test_vaelab_eval_from_the_shell(tmp_path, trained_run):
         f"ckpt_path={best}",
         f"paths.root_dir={tmp_path}",
         "num_images=256",
+        "threads=1",  # as in every command (vaelab-eval refused it: there was no such setting)
         "num_importance_samples=20",
         "noise_levels=[0,0.1,0.3]",
         *QUICK_MEASURES,

@@ -21,6 +21,7 @@ def test_vaelab_generate_writes_seeded_grids(tmp_path, trained_run):
     run_cli(
         f"ckpt_path={ckpt}",
         f"paths.root_dir={tmp_path / 'a'}",
+        "threads=1",  # as in every command (vaelab-generate refused it: there was no such setting)
         "num_samples=10",
         "temperature=0.8",
         "interpolate=true",

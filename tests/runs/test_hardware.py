@@ -32,3 +32,16 @@ def test_a_logger_whose_package_is_not_installed_is_one_line_naming_the_extra(co
         "logger.wandb (pytorch_lightning.loggers.WandbLogger) needs Weights & Biases (wandb), which is not installed: "
         "pip install 'vaelab[wandb]' (or choose loggers without it, e.g. logger=tensorboard)"
     )
+
+
+def test_threads_sets_torchs_cpu_threads_and_null_leaves_them():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        hardware.use_threads(None)
+        assert torch.get_num_threads() == before
+        hardware.use_threads(1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -105,6 +105,8 @@ def compose_command(name: str, overrides: list[str]):
         ("eval", "active_unit_threshold=-1", "active_unit_threshold=-1 is not allowed"),
         ("eval", "device=tpu", "device='tpu' is not allowed: device must be auto, cpu, cuda, cuda:<index> or mps"),
         ("eval", "batch_size=0", "batch_size=0 is not allowed"),
+        ("eval", "threads=0", "threads=0 is not allowed: threads must be a positive integer or null, e.g. threads=1"),
+        ("generate", "threads=0", "threads=0 is not allowed: threads must be a positive integer or null, e.g. threads=1"),
         ("eval", "linear_probe.max_iter=0", "linear_probe.max_iter=0 is not allowed: linear_probe.max_iter must be a positive"),
         ("eval", "linear_probe.train_images=1", "linear_probe.train_images=1 is not allowed: linear_probe.train_images must be"),
         ("eval", "linear_probe.weight_decay=-1", "linear_probe.weight_decay=-1 is not allowed"),
@@ -221,7 +223,7 @@ def test_the_structured_configs_type_exactly_the_declared_keys():
         Optional[int],
         Any,
     )
-    shared = {"paths", "data", "seed", "overwrite", "ckpt_path", "device", "allow_networks", "batch_size"}
+    shared = {"paths", "data", "seed", "overwrite", "threads", "ckpt_path", "device", "allow_networks", "batch_size"}
     assert {f.name for f in fields(settings.Eval)} == shared | {
         *("num_importance_samples", "pairs_per_pass", "num_images", "noise_levels", "active_unit_threshold"),
         *("linear_probe", "frechet", "classifier"),

@@ -37,7 +37,7 @@ from vaelab.files import atomic_write
 from vaelab.model.likelihoods import describe
 from vaelab.model.vae import VAE
 from vaelab.runs.checkpoints import load_vae
-from vaelab.runs.hardware import resolve_device
+from vaelab.runs.hardware import resolve_device, use_threads
 
 log = logging.getLogger(__name__)
 CONDITIONED = (
@@ -250,6 +250,7 @@ def summary(result: dict) -> str:
 def run(cfg: DictConfig) -> dict:
     """Load, evaluate, write eval.json and noise_error.png into the run directory; returns eval.json's content."""
     output_dir = Path(cfg.paths.output_dir)
+    use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
     images, labels = test_set(cfg, vae)

@@ -22,7 +22,7 @@ from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError, when_stopped
 from vaelab.pictures.png import save_png
 from vaelab.runs.checkpoints import load_vae
-from vaelab.runs.hardware import resolve_device
+from vaelab.runs.hardware import resolve_device, use_threads
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     from vaelab.model.latent import interpolation_rows
 
     output_dir = Path(cfg.paths.output_dir)
+    use_threads(cfg.threads)
     device = resolve_device(cfg.device)
     vae = load_vae(cfg.ckpt_path, device, tuple(cfg.allow_networks))
     class_names = vae.class_names  # None for an unconditional VAE

@@ -125,16 +125,14 @@ def resume(run_dir: str, overrides: list[str]) -> dict[str, float]:
 def build_parts(start: Start):
     """The data, the model and the trainer of the run (the model checked against the checkpoint it continues from)."""
     import pytorch_lightning as pl
-    import torch
 
     from vaelab.runs.checkpoints import check_fits, check_optimizer_state, vae_weights
     from vaelab.runs.guards import for_run
+    from vaelab.runs.hardware import use_threads
     from vaelab.training.data import LightningData
 
     cfg, point = start.cfg, start.point
-    threads = cfg.threads or parallel_threads()  # in a joblib sweep, null shares the cores out among the jobs
-    if threads:
-        torch.set_num_threads(int(threads))
+    use_threads(cfg.threads or parallel_threads())  # in a joblib sweep, null shares the cores out among the jobs
     pl.seed_everything(cfg.seed, workers=True)
     data = build(cfg.data, "data")
     model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, data))

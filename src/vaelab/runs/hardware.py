@@ -44,6 +44,14 @@ def check_accelerator(accelerator: str, key: str, fix: str) -> None:
         raise UserError(f"{key}=mps: this machine has no Apple GPU that torch can use; {fix}")
 
 
+def use_threads(threads: int | None) -> None:
+    """threads=<n>, in every command: torch's CPU threads for this process (null: torch's default, one a core)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def resolve_device(name: str):
     """`auto`: the GPU when there is one, else the CPU; `cuda:<i>` must exist."""
     import torch

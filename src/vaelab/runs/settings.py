@@ -153,14 +153,14 @@ MODEL = {
     "model.encoder.logvar_range": Setting(Optional[list[float]], "null or [low, high] with low < high", "[-6,2]", pair()),
     **{f"model.{part}.init": one_of(*choices.INITS)("he") for part in ("encoder", "decoder")},
 }
+# What every command has: where things go, torch's CPU threads, whether an existing run may be replaced.
+COMMAND = {**PATHS, "threads": OPTIONAL_POSITIVE("1"), "overwrite": BOOL}
 TRAIN = {
-    **PATHS,
+    **COMMAND,
     **MODEL,
     "trainer.max_epochs": POSITIVE("10", "epochs"),
     "seed": INTEGER("42"),
-    "overwrite": BOOL,
     "ckpt_path": OPTIONAL_PATH(CKPT),
-    "threads": OPTIONAL_POSITIVE,
     "test_after_fit": BOOL,
     "trainer.log_every_n_steps": POSITIVE("50"),
     "trainer.num_sanity_val_steps": whole(-1)("2"),
@@ -173,13 +173,12 @@ TRAIN = {
 DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")  # a module or class name
 # What vaelab-eval and vaelab-generate share: a checkpoint to read, the device, the networks a user trusts.
 INSPECT = {
-    **PATHS,
+    **COMMAND,
     "ckpt_path": STRING(CKPT),
     "device": Setting(str, "auto, cpu, cuda, cuda:<index> or mps", "auto", re.compile(r"auto|cpu|mps|cuda(:\d+)?").fullmatch),
     "allow_networks": Setting(
         list[str], "a list of dotted module or class names", "[mypkg.nets]", lambda v: all(map(DOTTED.fullmatch, v))
     ),
-    "overwrite": BOOL,
     "seed": INTEGER,
 }
 # null: the data prepared as the checkpoint's model was trained (it records how).
