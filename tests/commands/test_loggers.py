@@ -33,11 +33,19 @@ def csv_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-def test_mlflow_beside_tensorboard_gets_the_settings_and_final_figures(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def three_logger_run(tmp_path_factory) -> Path:
+    """One run logging to TensorBoard, MLflow and W&B (offline) at once: what each of them must hold is read back by
+    its own test (one run, not one per logger: each run costs 10-15 s of the suite)."""
+    run_dir = tmp_path_factory.mktemp("loggers") / "run"
+    run_cli(*FAST, f"hydra.run.dir={run_dir}", "logger=[tensorboard,mlflow,wandb]", "epochs=2", "latent_dim=4", env=NO_TELEMETRY)
+    return run_dir
+
+
+def test_mlflow_beside_tensorboard_gets_the_settings_and_final_figures(three_logger_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    run_dir = tmp_path / "run"
-    run_cli(*FAST, f"hydra.run.dir={run_dir}", "logger=[tensorboard,mlflow]", "epochs=2", "latent_dim=4", env=NO_TELEMETRY)
+    run_dir = three_logger_run
     metrics = read_metrics(run_dir)
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its local file store only when told so
@@ -148,9 +156,8 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
-def test_wandb_offline_gets_the_settings_and_final_figures(tmp_path):
-    run_dir = tmp_path / "run"
-    train_run(run_dir, "logger=[tensorboard,wandb]", "epochs=1", "latent_dim=4")
+def test_wandb_offline_gets_the_settings_and_final_figures(three_logger_run):
+    run_dir = three_logger_run
     config, summary = {}, {}
     for record in wandb_records(run_dir):
         kind = record.WhichOneof("record_type")

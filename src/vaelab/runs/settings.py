@@ -154,7 +154,7 @@ MODEL = {
     **{f"model.{part}.init": one_of(*choices.INITS)("he") for part in ("encoder", "decoder")},
 }
 # What every command has: where things go, torch's CPU threads, whether an existing run may be replaced.
-COMMAND = {**PATHS, "threads": OPTIONAL_POSITIVE("1"), "overwrite": BOOL}
+COMMAND = {**PATHS, "threads": OPTIONAL_POSITIVE, "overwrite": BOOL}
 TRAIN = {
     **COMMAND,
     **MODEL,
