@@ -378,10 +378,5 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.shell)
     # The longest modules first: pytest-xdist (--dist loadscope) hands whole modules to its workers in collection
     # order, so a long module that comes last keeps one worker busy alone while the other waits (the suite's end).
-    items.sort(
-        key=lambda item: (
-            LONGEST.index(item.path.relative_to(tests).as_posix())
-            if item.path.relative_to(tests).as_posix() in LONGEST
-            else len(LONGEST)
-        )
-    )
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(LONGEST)))
