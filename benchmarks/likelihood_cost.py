@@ -10,7 +10,7 @@ autocast where vaelab's CPU trainer uses it), then one validation pass over the 
 batches of 1,000 (`VAE._loss` without gradients, as the validation step computes -ELBO). The likelihoods take
 turns within each repeat (so a busy moment of a shared machine falls on all of them), after one warm-up round;
 the figure is the median over repeats. Seconds per epoch = the step time x the 430 steps of an epoch of 55,000
-images at batch 128 + the validation pass. Lightning's own per-step cost (about 1 ms, README Performance) is the
+images at batch 128 + the validation pass. Lightning's own per-step cost (about 1 ms, docs/performance.md) is the
 same for every likelihood and is left out.
 """
 

@@ -91,8 +91,8 @@ def test_the_wheel_carries_every_module_of_every_sub_package(venv):
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="needs Debian's dataset-fashion-mnist (make data)")
 def test_installed_commands_run_from_any_directory(venv, tmp_path):
-    """README, Install: outputs under the directory it is started from (or VAELAB_ROOT), the data cache in its
-    data/ (or VAELAB_DATA_DIR), Debian's Fashion-MNIST found from anywhere."""
+    """docs/install.md, Install with pip: outputs under the directory it is started from (or VAELAB_ROOT), the data
+    cache in its data/ (or VAELAB_DATA_DIR), Debian's Fashion-MNIST found from anywhere."""
     anywhere = tmp_path / "anywhere"
     anywhere.mkdir()
     run([str(venv / "bin" / "vaelab-train"), *FAST, "epochs=1", "latent_dim=4"], cwd=anywhere)

@@ -1,4 +1,4 @@
-"""A user's own configs and networks beside vaelab's (README, Your own configs): `--config-dir` adds a model file
+"""A user's own configs and networks beside vaelab's (docs/configs.md, Your own configs): `--config-dir` adds a model file
 that reuses `dense` and names an encoder class of the user's own module; it trains, resumes, and its checkpoints
 load in vaelab-eval and vaelab-generate only when the user allows the class."""
 
@@ -12,7 +12,7 @@ import torch
 
 from conftest import FAST, one_line, run_cli
 
-# The README's example, word for word.
+# The example of docs/configs.md, word for word.
 MODULE = '''\
 import math
 
