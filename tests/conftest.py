@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import zygote
 
 # Two pytest workers (-n 2) share the machine's cores: one torch thread per process (this one and every command it
 # starts), or each process's thread pool fights the other's (two FAST runs at once on 2 cores: 42.5 s with torch's
@@ -54,18 +55,23 @@ def run_cli(
     env: dict | None = None,
     cwd: Path | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run a console script and return the finished process; on failure show what it printed."""
-    full_env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.run(
-        [str(BIN / tool), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-        cwd=cwd or REPO,
-        stdin=subprocess.DEVNULL,
-        preexec_fn=default_signals,
-    )
+    """Run a console script and return the finished process; on failure show what it printed. A fork of a zygote
+    that has done torch's imports stands in for the fresh process where it can (tests/zygote.py says when)."""
+    base_env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR), "PYTHONUNBUFFERED": "1"}
+    full_env = {**base_env, **(env or {})}
+    if zygote.serves(tool, full_env, base_env):
+        proc = zygote.run(BIN / tool, list(args), full_env, cwd or REPO, timeout, base_env)
+    else:
+        proc = subprocess.run(
+            [str(BIN / tool), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+            cwd=cwd or REPO,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=default_signals,
+        )
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{tool} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
@@ -380,3 +386,7 @@ def pytest_collection_modifyitems(config, items) -> None:
     # order, so a long module that comes last keeps one worker busy alone while the other waits (the suite's end).
     rank = {name: i for i, name in enumerate(LONGEST)}
     items.sort(key=lambda item: rank.get(item.path.relative_to(tests).as_posix(), len(LONGEST)))
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    zygote.stop()  # this worker's zygote, if it started one

@@ -148,7 +148,6 @@ def test_only_network_classes_of_allowed_modules_resolve(user_module):
     ]:
         with pytest.raises(UserError, match="refusing to build"):
             network_class(target)
-    assert "user_nets" not in sys.modules or True  # (a refused module is never imported: checked below)
     sys.modules.pop("user_nets", None)
     with pytest.raises(UserError):
         network_class("user_nets.Encoder")
