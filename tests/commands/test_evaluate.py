@@ -3,6 +3,7 @@ folders and conditional models (the bounds themselves, in-process: tests/evaluat
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -76,6 +77,23 @@ def test_vaelab_eval_from_the_shell(tmp_path, trained_run):
     # measured: samples 358, reconstructions 334 (40 steps of training), training images 5.2 (256 images a side)
     assert frechet["train_vs_test"] < 0.1 * min(frechet["reconstructions"], result["frechet_distance"])
     assert "linear probe" in proc.stdout + proc.stderr and "Fréchet dist." in proc.stdout + proc.stderr
+    # each phase said when it started and how long it took (stderr is no terminal here: lines, not a live bar)
+    said = re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", proc.stdout, flags=re.MULTILINE)
+    for phase, amount in [
+        ("IWAE bound (K = 20)", "256 images"),
+        ("noisy inputs (3 noise levels)", "768 images"),
+        ("linear probe (2,000 training images)", "3 steps"),
+        ("Fréchet feature classifier", "48 batches"),  # 2 epochs of 3,000 images in batches of 128
+        ("Fréchet distance (256 images a side)", "6 steps"),
+    ]:
+        assert f"\n{phase}: {amount} ...\n" in said and re.search(rf"\n{re.escape(phase)}: done in \d+\.\d s\n", said), phase
+    # the classifier, trained once: where its cache goes, and how long it takes, timed on its first batches
+    cache = next((tmp_path / "classifier").glob("FashionMNIST-1x28x28-*.pt"))
+    assert (
+        f"trained now, once (2 epochs over 3,000 images; an estimate of the time follows its first batches), and cached in {cache}"
+        in said
+    )
+    assert re.search(r"\nFréchet feature classifier: about \d+ (s|min) in all \(timed on its first 10 of 48 batches\)\n", said)
 
 
 def test_vaelab_eval_refuses_a_missing_checkpoint_in_one_line(tmp_path):

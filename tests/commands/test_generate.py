@@ -1,5 +1,7 @@
 """vaelab-generate from the shell and its interpolation rows (the checkpoint loader's refusals: test_checkpoints)."""
 
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -18,7 +20,7 @@ def only_run_dir(root):
 
 def test_vaelab_generate_writes_seeded_grids(tmp_path, trained_run):
     ckpt = trained_run / "checkpoints" / "last.ckpt"
-    run_cli(
+    proc = run_cli(
         f"ckpt_path={ckpt}",
         f"paths.root_dir={tmp_path / 'a'}",
         "threads=1",  # as in every command (vaelab-generate refused it: there was no such setting)
@@ -30,6 +32,9 @@ def test_vaelab_generate_writes_seeded_grids(tmp_path, trained_run):
         tool="vaelab-generate",
     )
     run_a = only_run_dir(tmp_path / "a")
+    # its progress, as plain lines (stderr is no terminal here): the pictures started, then done with the seconds
+    assert "][INFO] - samples.png, interpolation.png: 2 pictures ...\n" in proc.stdout
+    assert re.search(r"\]\[INFO\] - samples.png, interpolation.png: done in \d+\.\d s\n", proc.stdout)
     # make_grid: tiles of 28 + 2 padding, plus 2; samples: ceil(sqrt(10)) = 4 per row, 3 rows
     with Image.open(run_a / "samples.png") as png:
         assert png.size == (4 * 30 + 2, 3 * 30 + 2)

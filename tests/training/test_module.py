@@ -145,6 +145,8 @@ def test_kl_warm_up_rises_linearly_to_beta_and_never_reaches_the_reported_figure
     metrics = trainer.callback_metrics
     assert metrics["val/loss"].item() == pytest.approx((metrics["val/recon"] + 2.0 * metrics["val/kl"]).item(), rel=1e-5)
     assert metrics["val/nelbo"].item() == pytest.approx((metrics["val/recon"] + metrics["val/kl"]).item(), rel=1e-5)
+    # the progress bar shows the validation loss (train/loss too, once a window of log_every_n_steps steps is done)
+    assert trainer.progress_bar_metrics == {"val/loss": pytest.approx(metrics["val/loss"].item())}
 
 
 # --- a training step: the plain VAE's objective with the module's settings -----------------------------------

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from vaelab import progress
 from vaelab.errors import build, when_stopped
 from vaelab.evaluation import measures
 from vaelab.evaluation.bounds import active_units, likelihood, noisy_input_errors, plot_noise_errors
@@ -49,7 +50,7 @@ def notes_on(vae: VAE, cfg: DictConfig) -> tuple[list[str], str]:
     """How eval.json's figures are to be read, and how the test data was prepared against how the model was trained."""
     hp, binarize = vae.settings, str(cfg.data.get("binarize") or "none")
     notes = [
-        describe(hp["likelihood"], binarize),
+        describe(hp["likelihood"], binarize, vae.image_shape[0]),
         "beta = 1 here (the true ELBO), whatever beta the model was trained with",
         "noisy_inputs: the posterior mean of each noisy input (Gaussian noise, clipped to [0, 1]) is decoded and "
         "compared with the clean image",
@@ -79,9 +80,11 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
     if conditioned and labels is None:
         raise ValueError("a conditional VAE is evaluated conditioned on the images' labels: pass them")
     labels = labels if conditioned else None
-    started = time.perf_counter()
-    per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator, labels)
-    noisy = noisy_input_errors(vae, images, list(cfg.noise_levels), int(cfg.batch_size), generator, labels)
+    started, n, levels = time.perf_counter(), len(images), list(cfg.noise_levels)
+    with progress.phase(f"IWAE bound (K = {num_samples})", n, "image") as done:
+        per_image = likelihood(vae, images, int(num_samples), int(cfg.pairs_per_pass), generator, labels, done.advance)
+    with progress.phase(f"noisy inputs ({len(levels)} noise levels)", n * len(levels), "image") as done:
+        noisy = noisy_input_errors(vae, images, levels, int(cfg.batch_size), generator, labels, done.advance)
     hp, binarize = vae.settings, str(cfg.data.get("binarize") or "none")
     notes, preparation = notes_on(vae, cfg)
     mean = {key: per_image[key].mean().item() for key in ("neg_elbo", "recon", "kl", "nll_iwae")}
@@ -104,7 +107,7 @@ def evaluate(vae: VAE, images: torch.Tensor, cfg: DictConfig, device: torch.devi
         "binarize": binarize,
         "trained_binarize": str(hp.get("binarize", "none")),
         "data_preparation": preparation,
-        "figures": describe(hp["likelihood"], binarize),
+        "figures": describe(hp["likelihood"], binarize, vae.image_shape[0]),
         "posterior": "N(mu, exp(logvar))",
         "num_importance_samples": int(num_samples),
         **mean,
@@ -173,11 +176,18 @@ def linear_probe(vae: VAE, cfg: DictConfig, data: tuple, device: torch.device) -
     if cfg.data.get("binarize", "none") == "dynamic":  # the training split's grey levels, drawn once as the model saw them
         x = torch.bernoulli(x, generator=generator)  # (its val part is binary already and stays as it is)
     settings = {"max_iter": int(probe.max_iter), "weight_decay": float(probe.weight_decay)}
-    codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator, vae.labels_of(y))
-    test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator, vae.labels_of(ty))
-    return measures.linear_probe(codes, y, test_codes, ty, **settings), {
+    # three steps: the posterior means, the probe on them, the probe on the raw pixels
+    with progress.phase(f"linear probe ({count:,} training images)", 3, "step") as done:
+        codes = measures.posterior_means(vae, x, int(cfg.batch_size), generator, vae.labels_of(y))
+        test_codes = measures.posterior_means(vae, tx, int(cfg.batch_size), generator, vae.labels_of(ty))
+        done.advance()
+        accuracy = measures.linear_probe(codes, y, test_codes, ty, **settings)
+        done.advance()
+        raw_pixels = measures.linear_probe(x, y, tx, ty, **settings)
+        done.advance()
+    return accuracy, {
         "chance": measures.chance_level(ty),
-        "raw_pixels_accuracy": measures.linear_probe(x, y, tx, ty, **settings),
+        "raw_pixels_accuracy": raw_pixels,
         "features": "posterior means E_q[z|x] (raw_pixels: the images themselves), standardised",
         "train_images": count,
         "test_images": len(ty),
@@ -197,12 +207,14 @@ def frechet(vae: VAE, cfg: DictConfig, datamodule, data: tuple, device: torch.de
     classifier_seconds, started = time.perf_counter() - started, time.perf_counter()
     n, batch = min(int(cfg.frechet.num_samples), len(test_x)), int(cfg.batch_size)
     real, labels = test_x[:n].to(device), vae.labels_of(test_y[:n].to(device))
-    fakes = {
-        "samples": measures.prior_samples(vae, n, batch, generator, labels),
-        "reconstructions": measures.reconstructions(vae, real, batch, generator, labels),
-        "train_vs_test": train_x[:n].to(device),
-    }
-    distances = measures.frechet_distances(model, real, fakes, batch)
+    # six steps: the samples, the reconstructions, then the features of the test images and of each of the three sets
+    with progress.phase(f"Fréchet distance ({n:,} images a side)", 6, "step") as done:
+        fakes = {"samples": measures.prior_samples(vae, n, batch, generator, labels)}
+        done.advance()
+        fakes["reconstructions"] = measures.reconstructions(vae, real, batch, generator, labels)
+        done.advance()
+        fakes["train_vs_test"] = train_x[:n].to(device)
+        distances = measures.frechet_distances(model, real, fakes, batch, done.advance)
     return distances.pop("samples"), {
         **distances,
         "num_samples": n,

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from vaelab import progress
 from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError, when_stopped
 from vaelab.pictures.png import save_png
@@ -65,22 +66,23 @@ def run(cfg: DictConfig) -> dict[str, Path]:
         labels = torch.arange(n, device=device) % len(class_names)
         log.info("a conditional VAE: sample i is of class i mod %d (label=<name or index> for one class)", len(class_names))
     generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    written = {}
+    written = {"samples": output_dir / "samples.png"} | (
+        {"interpolation": output_dir / "interpolation.png"} if cfg.interpolate else {}
+    )
 
-    samples = vae.sample(n, temperature=float(cfg.temperature), generator=generator, labels=labels)
-    nrow = int(cfg.nrow) if cfg.nrow else math.ceil(math.sqrt(int(cfg.num_samples)))
-    written["samples"] = output_dir / "samples.png"
-    save_png(samples, written["samples"], nrow=nrow, padding=2)
-
-    if cfg.interpolate:
-        images, test_labels = test_set(cfg, vae)
-        order = seeded_order(len(images), int(cfg.seed))[: 2 * int(cfg.num_pairs)]
-        chosen, chosen_labels = images[order].to(device), test_labels[order].to(device)
-        grid = interpolation_rows(
-            vae, chosen[0::2], chosen[1::2], int(cfg.num_steps), start_labels=chosen_labels[0::2], end_labels=chosen_labels[1::2]
-        )
-        written["interpolation"] = output_dir / "interpolation.png"
-        save_png(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
+    with progress.phase(", ".join(path.name for path in written.values()), len(written), "picture") as done:
+        samples = vae.sample(n, temperature=float(cfg.temperature), generator=generator, labels=labels)
+        nrow = int(cfg.nrow) if cfg.nrow else math.ceil(math.sqrt(int(cfg.num_samples)))
+        save_png(samples, written["samples"], nrow=nrow, padding=2)
+        done.advance()
+        if cfg.interpolate:
+            images, test_labels = test_set(cfg, vae)
+            order = seeded_order(len(images), int(cfg.seed))[: 2 * int(cfg.num_pairs)]
+            chosen, chosen_labels = images[order].to(device), test_labels[order].to(device)
+            starts, ends = chosen_labels[0::2], chosen_labels[1::2]
+            grid = interpolation_rows(vae, chosen[0::2], chosen[1::2], int(cfg.num_steps), start_labels=starts, end_labels=ends)
+            save_png(grid, written["interpolation"], nrow=int(cfg.num_steps) + 2, padding=2)
+            done.advance()
 
     when_stopped(f" after the pictures were written in {output_dir}: they are complete")
     for path in written.values():

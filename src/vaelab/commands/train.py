@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import DISK_ERRNOS, UserError, build, disk_message, when_stopped
 from vaelab.files import atomic_write
+from vaelab.progress import logs_above_bars
 from vaelab.runs import resume as resuming
 from vaelab.runs import settings
 from vaelab.runs.resume import ResumePoint, Start, check_networks, fit_is_done, read_training_checkpoint
@@ -141,7 +142,12 @@ def build_parts(start: Start):
         check_optimizer_state(model, start.checkpoint, f"the checkpoint {point.path}")
     loggers = [build_logger(name, c, point) for name, c in (cfg.get("logger") or {}).items() if c is not None]
     callbacks = [build(c, f"callbacks.{name}") for name, c in (cfg.get("callbacks") or {}).items() if c is not None]
-    trainer: pl.Trainer = build(cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)])
+    # Lightning's model summary table is off unless asked for (+trainer.enable_model_summary=true): its FLOPs column is
+    # zeros without an example input and it lists the internal eval_means; callbacks.console says the model in one line.
+    summary = bool(cfg.trainer.get("enable_model_summary", False))
+    trainer: pl.Trainer = build(
+        cfg.trainer, "trainer", logger=loggers or False, callbacks=[*callbacks, *for_run(cfg.seed)], enable_model_summary=summary
+    )
     return LightningData(data), model, trainer
 
 
@@ -176,19 +182,38 @@ def report(cfg: DictConfig, run_dir: Path, trainer, metrics: dict[str, float]) -
             logger.log_hyperparams(hparams_of(cfg))
             logger.log_metrics(metrics, step=trainer.global_step)
             logger.finalize("success")  # written out (Lightning finalized them after the test: once more)
+    from vaelab.training.console import figures_table
+
     summary = {key: hparams_of(cfg)[key] for key in ("likelihood", "binarize", "figures")} | metrics
     atomic_write(run_dir / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    log.info("metrics (%s): %s", summary["figures"], json.dumps(metrics))
-    log.info("run directory: %s", run_dir)
+    log.info("\n%s", figures_table(metrics, summary["figures"], str(cfg.model.get("objective", "elbo"))))
+    log.info("run directory: %s (metrics.json: every figure in full)", run_dir)
+
+
+def announce(start: Start) -> None:
+    """The run directory and the settings that differ from the defaults, before anything is built."""
+    log.info("run directory: %s", start.run_dir)
+    if start.resumed:
+        changed = " ".join(start.overrides) or "none"
+        log.info("continuing the run with its own settings (.hydra/config.yaml); changed now: %s", changed)
+        return
+    from hydra.core.hydra_config import HydraConfig
+
+    given = [o for o in HydraConfig.get().overrides.task if not o.startswith("hydra.")] if HydraConfig.initialized() else []
+    log.info(
+        "settings changed from the defaults: %s (`vaelab-train --cfg job` prints every setting)",
+        " ".join(given) if given else "none",
+    )
 
 
 def run(start: Start) -> dict[str, float]:
+    announce(start)
     datamodule, model, trainer = build_parts(start)
     when_stopped(f"; continue with: {continue_with(start.run_dir)}")  # start-up ends: the work begins
     if start.resumed:  # recorded only now: a resume refused by any check above leaves the run as it was
         resuming.record_resume(start.run_dir, start.cfg, list(start.overrides))
         resuming.continue_log()
-    with named_disk_faults(start.run_dir, start.cfg):
+    with named_disk_faults(start.run_dir, start.cfg), logs_above_bars():  # Lightning's and vaelab's lines above its bar
         metrics = fit_and_test(start, model, datamodule, trainer)
         if trainer.is_global_zero:
             report(start.cfg, start.run_dir, trainer, metrics)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from vaelab import progress
 from vaelab.data.tensors import TensorData, seeded_order
 from vaelab.errors import UserError, one_line
 from vaelab.files import atomic_write
@@ -87,9 +88,13 @@ def locate(data_dir: str | Path, dataset: str, system_dir: str | None, download:
     if _have_raw(raw_dir):
         return raw_dir
     if system_dir and all((Path(system_dir) / f"{stem}.gz").exists() for stem, _, _ in IDX_FILES.values()):
-        for stem, _, _ in IDX_FILES.values():
-            if not (raw_dir / stem).exists():
+        missing = [stem for stem, _, _ in IDX_FILES.values() if not (raw_dir / stem).exists()]
+        with progress.phase(
+            f"{dataset}: decompressing {system_dir} into the data cache {raw_dir} (once)", len(missing), "file"
+        ) as done:
+            for stem in missing:
                 _decompress(Path(system_dir) / f"{stem}.gz", raw_dir / stem)
+                done.advance()
         return raw_dir
     if download:
         import torchvision.datasets as tvd  # imported here: torchvision is slow to import and only needed to download

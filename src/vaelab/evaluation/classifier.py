@@ -18,13 +18,15 @@ Fréchet distance's matrix square root.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from vaelab import caches
+from vaelab import caches, progress
 from vaelab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -115,8 +117,10 @@ def train(
     seed: int = 0,
     batch_size: int = BATCH_SIZE,
     lr: float = LR,
+    advance: Callable[[int], object] = lambda batches: None,
 ) -> Classifier:
-    """Adam on the cross-entropy; the initial weights and each epoch's order come from `seed` alone."""
+    """Adam on the cross-entropy; the initial weights and each epoch's order come from `seed` alone. advance(1) after
+    each batch."""
     from vaelab.data.tensors import seeded_order
 
     with torch.random.fork_rng(devices=[]):  # seeded initial weights, the caller's random state untouched
@@ -130,6 +134,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            advance(1)
     return model.eval()
 
 
@@ -211,6 +216,13 @@ def load_or_train_classifier(
         model, record = cached
         log.info("classifier: %s (test accuracy %.4f)", path, record["test_accuracy"])
         return model.to(device), float(record["test_accuracy"])
+    log.info(
+        "Fréchet feature classifier: none cached for this data yet, so it is trained now, once (%d epochs over %s images; "
+        "an estimate of the time follows its first batches), and cached in %s for every later vaelab-eval of this data",
+        settings["epochs"],
+        f"{len(images):,}",
+        path,
+    )
     model, record = trained(datamodule, data, settings, device)
     try:
         CACHE.write(path, CACHE.pack(key, record))
@@ -224,7 +236,11 @@ def trained(datamodule, data: tuple, settings: dict, device: torch.device) -> tu
     """A classifier trained on classifier_data's tuple, and the record the cache keeps of it."""
     images, labels, test_images, test_labels, num_classes = data
     started = time.perf_counter()
-    model = train(images.to(device), labels.to(device), num_classes, settings["epochs"], settings["seed"])
+    batches = settings["epochs"] * math.ceil(len(images) / settings["batch_size"])
+    with progress.phase("Fréchet feature classifier", batches, "batch", estimate_after=max(10, batches // 50)) as done:
+        model = train(
+            images.to(device), labels.to(device), num_classes, settings["epochs"], settings["seed"], advance=done.advance
+        )
     seconds = time.perf_counter() - started
     test_accuracy = accuracy(model, test_images.to(device), test_labels)
     log.info("classifier: trained on %d images in %.1f s, test accuracy %.4f", len(images), seconds, test_accuracy)

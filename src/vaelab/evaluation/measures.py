@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -109,10 +110,14 @@ def by_batch(labels: torch.Tensor | None, batch_size: int) -> list:
 
 
 def frechet_distances(
-    model: classifiers.Classifier, real: torch.Tensor, others: dict[str, torch.Tensor], batch_size: int = 1000
+    model: classifiers.Classifier,
+    real: torch.Tensor,
+    others: dict[str, torch.Tensor],
+    batch_size: int = 1000,
+    advance: Callable[[int], object] = lambda sets: None,
 ) -> dict[str, float]:
     """The Fréchet distance between `real` and each of `others`, in the classifier's feature space (torchmetrics'
-    FID with that feature extractor; the real images' features are computed once)."""
+    FID with that feature extractor; the real images' features are computed once). advance(1) after each set of images."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
     model.eval()
@@ -121,10 +126,12 @@ def frechet_distances(
     fid = fid.to(real.device)
     for x in real.split(batch_size):
         fid.update(x, real=True)
+    advance(1)
     result = {}
     for name, images in others.items():
         fid.reset()  # the fake side only
         for x in images.split(batch_size):
             fid.update(x, real=False)
         result[name] = float(fid.compute())
+        advance(1)
     return result

@@ -138,7 +138,8 @@ class VAEModule(pl.LightningModule):
         for key, value in parts.items():
             mean = self.eval_means[f"{stage}_{key}"]
             mean.update(value.detach().float(), weight=x.shape[0])
-            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True)
+            # val/loss in the progress bar too, beside train/loss
+            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True, prog_bar=stage == "val" and key == "loss")
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch[0], "val", batch[1])
