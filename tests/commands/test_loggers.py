@@ -1,5 +1,6 @@
-"""Loggers beside TensorBoard (README, Loggers): CSV, MLflow and W&B, alone or together; the settings and the final
-figures reach each one's own view, read back with its own reader."""
+"""Loggers (README, Loggers): TensorBoard opening on the curves, CSV, MLflow and W&B, alone or together; the settings and
+the final figures reach each one's own view, read back with its own reader; every run and sweep job of one outputs root
+in one MLflow store."""
 
 from __future__ import annotations
 
@@ -11,21 +12,29 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import yaml
+from tensorboard.plugins.custom_scalar import layout_pb2
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from conftest import DATA_DIR, FAST, event_accumulator, one_line, read_metrics, run_cli, train_run
 
 NO_TELEMETRY = {"MLFLOW_DISABLE_TELEMETRY": "true", "WANDB_MODE": "offline"}  # no test sends anything anywhere
+MLFLOW_CREATING = "not found. Creating it"  # Lightning's MLFlowLogger's warning for a new experiment
+SWEEP_JOBS = [*FAST, "epochs=1", "trainer.limit_train_batches=5", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
 
 
 def hparams_of_run(run_dir: Path) -> dict:
-    """The settings of TensorBoard's HPARAMS entry for the run."""
+    """The values of TensorBoard's HPARAMS row for the run: its settings and test figures."""
     content = event_accumulator(run_dir).PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
+
+
+def settings_of_run(run_dir: Path) -> dict:
+    return {k: v for k, v in hparams_of_run(run_dir).items() if not k.startswith("test/")}
 
 
 def csv_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -33,26 +42,93 @@ def csv_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+class Project(NamedTuple):
+    root: Path  # the outputs root (paths.log_dir) both commands share
+    run: Path  # the single run
+    jobs: list[Path]  # the sweep's job directories, by job number
+    printed: str  # everything both commands printed
+
+
 @pytest.fixture(scope="module")
-def three_logger_run(tmp_path_factory) -> Path:
-    """One run logging to TensorBoard, MLflow and W&B (offline) at once: what each of them must hold is read back by
-    its own test (one run, not one per logger: each run costs 10-15 s of the suite)."""
-    run_dir = tmp_path_factory.mktemp("loggers") / "run"
-    run_cli(*FAST, f"hydra.run.dir={run_dir}", "logger=[tensorboard,mlflow,wandb]", "epochs=2", "latent_dim=4", env=NO_TELEMETRY)
-    return run_dir
+def project(tmp_path_factory) -> Project:
+    """One outputs root holding a 2-job sweep (TensorBoard and MLflow; latent_dim=2,4, the rest fixed), then one run
+    logging to TensorBoard, MLflow and W&B (offline) at once: what each logger must hold is read back by its own test
+    (one run and one sweep, not one per logger: each run costs 10-15 s of the suite). The sweep comes first: its two
+    jobs find the MLflow store empty."""
+    root = tmp_path_factory.mktemp("project")
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store, whatever the caller's environment says
+        sweep = run_cli(
+            "-m", *SWEEP_JOBS, f"paths.log_dir={root}", f"hydra.sweep.dir={root}/sweep", "logger=[tensorboard,mlflow]",
+            "latent_dim=2,4", env=NO_TELEMETRY,
+        )  # fmt: skip
+        run = run_cli(
+            *FAST, f"paths.log_dir={root}", f"hydra.run.dir={root}/run", "logger=[tensorboard,mlflow,wandb]", "epochs=2",
+            "latent_dim=4", env=NO_TELEMETRY,
+        )  # fmt: skip
+    jobs = sorted((p for p in (root / "sweep").iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    return Project(root, root / "run", jobs, sweep.stdout + sweep.stderr + run.stdout + run.stderr)
 
 
-def test_mlflow_beside_tensorboard_gets_the_settings_and_final_figures(three_logger_run, monkeypatch):
+def test_tensorboard_opens_on_the_loss_curves(project):
+    """No `epoch` staircase and no one-dot test/* charts among the scalars; the loss curves in CUSTOM SCALARS; the test
+    figures in the run's HPARAMS row and in a TEXT table, with their units."""
+    metrics = read_metrics(project.run)
+    for run_dir in (project.run, *project.jobs):
+        acc = event_accumulator(run_dir)
+        scalars = acc.Tags()["scalars"]
+        assert "epoch" not in scalars and not [t for t in scalars if t.startswith("test/")], scalars
+        assert {"train/loss", "val/loss", "val/recon", "val/kl", "val/nelbo_bpd"} <= set(scalars)
+        [config] = acc.Tensors("custom_scalars__config__")
+        layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+        first = layout.category[0].chart[0]
+        assert layout.category[0].title == "loss curves" and list(first.multiline.tag) == ["train/loss$", "val/loss$"]
+        regexes = {regex for chart in layout.category[0].chart for regex in chart.multiline.tag}
+        assert {"val/recon$", "val/kl$", "val/nelbo$", "val/nll_iwae$", "val/nelbo_bpd$"} <= regexes
+    row = hparams_of_run(project.run)
+    tests = {k: v for k, v in metrics.items() if k.startswith("test/")}
+    assert len(tests) == 8 and {k: row[k] for k in tests} == pytest.approx(tests)
+    [text] = event_accumulator(project.run).Tensors("final_figures/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert f"| -ELBO (recon + KL) | {metrics['val/nelbo']:.2f} | {metrics['test/nelbo']:.2f} | nats/image |" in table
+    assert f"| {metrics['test/nll_iwae_bpd']:.4f} | bits/dim |" in table  # -log p(x), IWAE, in bits/dim
+
+
+def test_sweep_jobs_are_named_by_the_setting_that_varies(project):
+    """Named by latent_dim alone (not by epochs, logger, trainer.limit_*_batches, ...): the job directories, so the
+    TensorBoard runs and HPARAMS trial ids, and the MLflow run names."""
+    assert [job.name for job in project.jobs] == ["0_latent_dim=2", "1_latent_dim=4"]
+    assert [settings_of_run(job)["latent_dim"] for job in project.jobs] == [2, 4]
+    assert [(job / "tensorboard").is_dir() for job in project.jobs] == [True, True]
+
+
+def test_every_run_and_sweep_job_of_an_outputs_root_is_in_one_mlflow_store(project, monkeypatch):
+    """<outputs root>/mlruns: one experiment, made without Lightning's warning (two jobs found the store empty)."""
     from mlflow.tracking import MlflowClient
 
-    run_dir = three_logger_run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its local file store only when told so
+    assert sorted(p.name for p in project.root.glob("**/mlruns")) == ["mlruns"] and (project.root / "mlruns").is_dir()
+    client = MlflowClient(f"file:{project.root}/mlruns")
+    [experiment] = [e for e in client.search_experiments() if e.name == "vaelab"]
+    runs = {r.data.tags["run_dir"]: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted(str(p) for p in (project.run, *project.jobs))
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    assert [runs[str(job)].info.run_name for job in project.jobs] == ["latent_dim=2", "latent_dim=4"]
+    assert MLFLOW_CREATING not in project.printed
+    assert not [job for job in project.jobs if MLFLOW_CREATING in (job / "train.log").read_text()]
+
+
+def test_mlflow_beside_tensorboard_gets_the_settings_and_final_figures(project, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    run_dir = project.run
     metrics = read_metrics(run_dir)
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads its local file store only when told so
-    client = MlflowClient(f"file:{run_dir}/mlruns")
-    [run] = client.search_runs([client.get_experiment_by_name("vaelab").experiment_id])
-    assert run.info.status == "FINISHED" and run.data.tags["run_dir"] == str(run_dir)
-    tensorboard = hparams_of_run(run_dir)  # the same settings as TensorBoard's HPARAMS tab
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(f"file:{project.root}/mlruns")
+    [run] = client.search_runs([client.get_experiment_by_name("vaelab").experiment_id], f"tags.run_dir = '{run_dir}'")
+    assert run.info.status == "FINISHED"
+    tensorboard = settings_of_run(run_dir)  # the same settings as TensorBoard's HPARAMS tab
     assert set(run.data.params) == set(tensorboard)
     assert {k: run.data.params[k] for k in ("latent_dim", "epochs", "model", "likelihood")} == {
         "latent_dim": "4",
@@ -97,14 +173,14 @@ def test_csv_alone_then_resumed_keeps_its_rows(tmp_path):
         ("[csv,wandb]", {"csv": "CSVLogger", "wandb": "WandbLogger"}),
     ],
 )
-def test_logger_choices_compose_under_the_run_directory(compose, tmp_path, monkeypatch, choice, loggers):
+def test_logger_choices_compose_under_the_run_directory_and_outputs_root(compose, tmp_path, monkeypatch, choice, loggers):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = compose([f"logger={choice}"])
     assert {name: node._target_.rpartition(".")[2] for name, node in cfg.logger.items()} == loggers
     run_dir = str(tmp_path / "run")
     for name, node in cfg.logger.items():
         where = node.tracking_uri if name == "mlflow" else node.save_dir
-        assert where == (f"file:{run_dir}/mlruns" if name == "mlflow" else run_dir)
+        assert where == (f"file:{tmp_path}/outputs/mlruns" if name == "mlflow" else run_dir)  # MLflow: the outputs root's
     if "wandb" in loggers:
         assert cfg.logger.wandb.offline is True
 
@@ -131,8 +207,8 @@ def test_a_logger_whose_package_is_missing_is_one_line_naming_the_extra(tmp_path
     env = {**os.environ, "VAELAB_DATA_DIR": str(DATA_DIR)}
     args = [sys.executable, "-c", HIDING_A_PACKAGE, hidden, f"hydra.run.dir={run_dir}", f"logger=[tensorboard,{logger}]"]
     proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, stdin=subprocess.DEVNULL)
-    target = "WandbLogger" if logger == "wandb" else "MLFlowLogger"
-    line = one_line(proc, f"vaelab-train: error: logger.{logger} (pytorch_lightning.loggers.{target}) needs ")
+    target = "pytorch_lightning.loggers.WandbLogger" if logger == "wandb" else "vaelab.training.loggers.MLFlowLogger"
+    line = one_line(proc, f"vaelab-train: error: logger.{logger} ({target}) needs ")
     assert f"pip install 'vaelab[{logger}]'" in line
     assert not run_dir.exists()  # refused before the run directory is made
 
@@ -156,13 +232,13 @@ def wandb_records(run_dir: Path) -> list:
     return records
 
 
-def test_wandb_offline_gets_the_settings_and_final_figures(three_logger_run):
-    run_dir = three_logger_run
+def test_wandb_offline_gets_the_settings_and_final_figures(project):
+    run_dir = project.run
     config, summary = {}, {}
     for record in wandb_records(run_dir):
         kind = record.WhichOneof("record_type")
         for item in record.config.update if kind == "config" else record.summary.update if kind == "summary" else []:
             (config if kind == "config" else summary)[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    assert set(config) == set(hparams_of_run(run_dir)) and config["latent_dim"] == 4
+    assert set(config) == set(settings_of_run(run_dir)) and config["latent_dim"] == 4
     metrics = read_metrics(run_dir)
     assert {k: summary[k] for k in metrics} == pytest.approx(metrics)

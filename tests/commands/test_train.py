@@ -2,11 +2,12 @@
 
 import json
 import math
+import re
 
 import pytest
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from conftest import event_accumulator, read_metrics, run_cli, train_run
+from conftest import FAST, event_accumulator, read_metrics, run_cli, train_run
 
 
 def test_run_directory_holds_everything(trained_run):
@@ -24,7 +25,9 @@ def test_run_directory_holds_everything(trained_run):
 def test_scalars_are_logged_and_training_learns(trained_run):
     acc = event_accumulator(trained_run)
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "val/loss", "val/recon", "val/kl", "val/noisy_recon", "test/loss", "epoch"} <= tags
+    assert {"train/loss", "val/loss", "val/recon", "val/kl", "val/noisy_recon"} <= tags
+    # no Lightning `epoch` staircase and no one-dot test charts: the test figures are in HPARAMS and TEXT
+    assert "epoch" not in tags and not [tag for tag in tags if tag.startswith("test/")]
     val = [e.value for e in acc.Scalars("val/loss")]
     assert len(val) == 2 and val[1] < val[0]
     train = acc.Scalars("train/loss")
@@ -47,12 +50,15 @@ def test_bits_per_dim_are_tensorboard_scalars_too(trained_run):
     """Bernoulli on 784 pixels: bits/dim = nats / (784 ln 2), logged beside each nats figure at the same step."""
     acc = event_accumulator(trained_run)
     metrics = read_metrics(trained_run)
-    for tag, points in (("val/nelbo", 2), ("test/nelbo", 1), ("test/nll_iwae", 1)):
-        pairs = _bpd_pairs(acc, tag)
-        assert len(pairs) == points
-        for _, nats, bpd in pairs:
-            assert bpd == pytest.approx(nats / (784 * math.log(2)), rel=1e-6)
-        assert pairs[-1][2] == pytest.approx(metrics[f"{tag}_bpd"], rel=1e-6)  # metrics.json's final figure
+    pairs = _bpd_pairs(acc, "val/nelbo")
+    assert len(pairs) == 2
+    for _, nats, bpd in pairs:
+        assert bpd == pytest.approx(nats / (784 * math.log(2)), rel=1e-6)
+    assert pairs[-1][2] == pytest.approx(metrics["val/nelbo_bpd"], rel=1e-6)  # metrics.json's final figure
+    row = session_values(trained_run)  # the test figures: in the run's HPARAMS row, beside their nats
+    for tag in ("test/nelbo", "test/nll_iwae"):
+        assert row[f"{tag}_bpd"] == pytest.approx(row[tag] / (784 * math.log(2)), rel=1e-6)
+        assert row[f"{tag}_bpd"] == pytest.approx(metrics[f"{tag}_bpd"], rel=1e-6)
     assert "val/nll_iwae_bpd" not in acc.Tags()["scalars"]  # no val/nll_iwae without val_iwae_every_n_epochs
 
 
@@ -65,17 +71,18 @@ def test_hparams_tab_has_the_settings_and_final_val_loss(trained_run):
     assert values["batch_size"] == 64 and values["model"] == "dense" and values["beta"] == 1 and values["seed"] == 42
     assert values["lr"] == pytest.approx(1e-3)
     experiment = experiment_of(trained_run)
-    assert [m.name.tag for m in experiment.metric_infos][:5] == [
-        "test/nelbo",
-        "test/nll_iwae",
-        "val/loss",
-        "test/recon",
-        "test/kl",
-    ]
+    assert [m.name.tag for m in experiment.metric_infos][:5] == ["val/nelbo", "val/loss", "val/recon", "val/kl", "val/nelbo_bpd"]
     assert {"val/loss", "val/nll_iwae", "train/loss"} <= {m.name.tag for m in experiment.metric_infos}
     # every setting of the run is declared, and the tab opens with the headline ones ticked
     assert {h.name for h in experiment.hparam_infos} == set(values)
     assert opened_with(experiment) == ["epochs", "latent_dim", "lr", "model", "noise_factor"]
+
+
+def session_values(run_dir) -> dict:
+    """The run's HPARAMS row as TensorBoard reads it: its settings and its test figures."""
+    content = event_accumulator(run_dir).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
 
 
 def experiment_of(run_dir):
@@ -100,14 +107,58 @@ def test_checkpoint_rebuilds_the_model_weights_only(trained_run):
     assert module.vae.sample(3).shape == (3, 1, 28, 28)
 
 
-def test_same_seed_same_metrics(tmp_path, trained_run):
-    train_run(tmp_path / "again", "epochs=2", "latent_dim=16", "noise_factor=0.3")
-    assert read_metrics(tmp_path / "again") == read_metrics(trained_run)
+# What Lightning prints that says nothing to a vaelab user (vaelab.training.console silences each at its source).
+CLUTTER = ("litlogger", "FLOPs", "eval_means", "LeafSpec", "log_every_n_steps")
+
+
+def messages(text: str) -> list[str]:
+    """What a command said, each log line without Hydra's [time][module][level] prefix."""
+    return [re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", line) for line in text.splitlines()]
+
+
+def clutter(proc) -> list[str]:
+    """The lines (stdout and stderr) that say one of CLUTTER, except the settings given, which may name them."""
+    said = messages(proc.stdout + "\n" + proc.stderr)
+    return [line for line in said if any(w in line for w in CLUTTER) and not line.startswith("settings changed from")]
+
+
+def test_same_seed_same_metrics_and_a_console_to_read(tmp_path, trained_run):
+    run = tmp_path / "again"
+    proc = train_run(run, "epochs=2", "latent_dim=16", "noise_factor=0.3")
+    metrics = read_metrics(run)
+    assert metrics == read_metrics(trained_run)
+    said = messages(proc.stdout)
+    # first, before training: where the run goes and what differs from the defaults
+    assert said[:2] == [
+        f"run directory: {run}",
+        "settings changed from the defaults: " + " ".join(FAST) + " epochs=2 latent_dim=16 noise_factor=0.3 "
+        "(`vaelab-train --cfg job` prints every setting)",
+    ]
+    # one line per epoch: the mean training loss, the validation -ELBO in nats and bits/dim, the seconds
+    epochs = [
+        re.fullmatch(r"epoch (\d) \| train loss (\S+) \| val -ELBO (\S+) nats/image, (\S+) bits/dim \| [\d.]+ s", m) for m in said
+    ]
+    epochs = [m.groups() for m in epochs if m]
+    assert [e[0] for e in epochs] == ["0", "1"] and float(epochs[1][1]) < float(epochs[0][1])
+    assert [float(v) for v in epochs[1][2:]] == pytest.approx([metrics["val/nelbo"], metrics["val/nelbo_bpd"]], abs=6e-3)
+    # at the end, a table of the final figures with their units (metrics.json keeps every digit)
+    start = said.index(
+        "final figures (Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)); val: the last "
+        "epoch, test: the best checkpoint"
+    )
+    assert said[start + 2] == f"  loss (recon + beta KL)    {metrics['val/loss']:.2f}    {metrics['test/loss']:.2f}  nats/image"
+    assert f"  -ELBO                     {metrics['val/nelbo_bpd']:.4f}    {metrics['test/nelbo_bpd']:.4f}  bits/dim" in said
+    assert not any(re.search(r"\d\.\d{6}", line) for line in said[start:])  # no 16-digit figures
+    assert said[-1] == f"run directory: {run} (metrics.json: every figure in full)"
+    assert not clutter(proc)
 
 
 def test_nested_overrides_and_config_groups_train(tmp_path):
     run = tmp_path / "conv"
-    train_run(run, "model=conv", "model.latent_dim=8", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    proc = train_run(run, "model=conv", "model.latent_dim=8", "trainer.max_epochs=1", "trainer.limit_train_batches=3")
+    # 3 batches an epoch, fewer than log_every_n_steps=5: Lightning's warning about it is not said (train/loss is
+    # logged on the global step: small epochs log it too), nor any other clutter
+    assert not clutter(proc)
     cfg = (run / ".hydra" / "config.yaml").read_text()
     assert "ConvEncoder" in cfg and "latent_dim: 8" in cfg
     assert read_metrics(run)["val/loss"] > 0
@@ -193,7 +244,9 @@ def test_the_default_figures_say_they_are_not_a_density(trained_run):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     values = {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
     assert values["figures"] == says and values["likelihood"] == "bernoulli" and values["binarize"] == "none"
-    assert f"metrics ({says}): {{" in (trained_run / "train.log").read_text()  # the run's last lines say it too
+    log = (trained_run / "train.log").read_text()  # the run's final table says it too
+    assert f"final figures ({says.removeprefix('nats per image; ')}); val: the last epoch" in log
+    assert "epoch 1 | train loss " in log  # and train.log keeps the line of each epoch
 
 
 @pytest.mark.parametrize(
@@ -210,9 +263,10 @@ def test_other_likelihoods_train_from_the_shell(tmp_path, likelihood, says):
     assert says in report["figures"] and math.isfinite(report["test/nll_iwae_bpd"]) and report["test/nelbo_bpd"] > 0
     offset = 8 if likelihood == "gaussian" else 0  # a density of dequantised data: + log2(256) bits per dimension
     acc = event_accumulator(run)
-    for tag in ("val/nelbo", "test/nelbo", "test/nll_iwae"):
-        for _, nats, bpd in _bpd_pairs(acc, tag):
-            assert bpd == pytest.approx(nats / (784 * math.log(2)) + offset, rel=1e-6)
+    for _, nats, bpd in _bpd_pairs(acc, "val/nelbo"):
+        assert bpd == pytest.approx(nats / (784 * math.log(2)) + offset, rel=1e-6)
+    for tag in ("test/nelbo", "test/nll_iwae"):
+        assert report[f"{tag}_bpd"] == pytest.approx(report[tag] / (784 * math.log(2)) + offset, rel=1e-6)
     assert list((run / "images").glob("samples_epoch000.png"))
 
 
