@@ -391,3 +391,31 @@ def test_build_rejects_unknown():
         L.build("poisson", 1)
     with pytest.raises(ValueError):
         L.build("gaussian", 1, scale="channel")
+
+
+@pytest.mark.parametrize(
+    "likelihood,binarize,channels,says",
+    [
+        ("discretized_logistic", "none", 1, "nats per image; discretized_logistic likelihood of the 8-bit grey levels"),
+        ("discretized_logistic", "none", 3, "nats per image; discretized_logistic likelihood of the 8-bit RGB levels"),
+        (
+            "gaussian",
+            "none",
+            3,
+            "nats per image; gaussian density of the uniformly dequantised 8-bit RGB levels; bits/dim include the 8-bit offset",
+        ),
+        (
+            "continuous_bernoulli",
+            "none",
+            1,
+            "nats per image; continuous_bernoulli density of the uniformly dequantised "
+            "8-bit grey levels; bits/dim include the 8-bit offset",
+        ),
+        ("bernoulli", "none", 1, "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"),
+        ("bernoulli", "dynamic", 1, "nats per image; bernoulli likelihood of the binarized pixels (binarize=dynamic)"),
+        ("bernoulli", "static", 3, "nats per image; bernoulli likelihood of the binarized RGB pixels (binarize=static)"),
+    ],
+)
+def test_the_figures_are_described_by_their_likelihood_and_the_images_channels(likelihood, binarize, channels, says):
+    """What every report says the figures are: colour images are RGB levels, never grey ones."""
+    assert L.describe(likelihood, binarize, channels) == says

@@ -307,11 +307,14 @@ def bits_per_dim(nll_nats: Tensor | float, num_dims: int, likelihood_name: str) 
     return nats / (num_dims * math.log(2.0))
 
 
-def describe(likelihood: str, binarize: str) -> str:
-    """What a figure in nats per image is: the likelihood and the data it was computed on (every report says it)."""
+def describe(likelihood: str, binarize: str, channels: int = 1) -> str:
+    """What a figure in nats per image is: the likelihood and the data it was computed on, grey (1 channel) or RGB
+    (3 channels) as the images are (every report says it)."""
+    levels = "grey" if channels == 1 else "RGB" if channels == 3 else f"{channels}-channel"
     if likelihood == "bernoulli" and binarize == "none":
-        return "nats per image; Bernoulli on grey levels, not a density (pixels in [0, 1], not binarized)"
-    data = "8-bit grey levels" if binarize == "none" else f"binarized pixels (binarize={binarize})"
+        return f"nats per image; Bernoulli on {levels} levels, not a density (pixels in [0, 1], not binarized)"
+    binarized = "binarized pixels" if channels == 1 else f"binarized {levels} pixels"
+    data = f"8-bit {levels} levels" if binarize == "none" else f"{binarized} (binarize={binarize})"
     if LIKELIHOODS[likelihood].dequantized:
         return f"nats per image; {likelihood} density of the uniformly dequantised {data}; bits/dim include the 8-bit offset"
     return f"nats per image; {likelihood} likelihood of the {data}"

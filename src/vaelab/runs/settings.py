@@ -247,7 +247,7 @@ CALLBACKS = {
         },
         "notebook.NotebookPictures": {"grid_size": whole(2)("10"), "num_images": POSITIVE("4")},
     }.items()
-}
+} | {"vaelab.training.budget.TrainingBudget": {"min_steps": whole(1, note="null: no warning", optional=True)("2000")}}
 # The places any logger or callback writes to: never an empty string.
 PATH_KEYS = ("save_dir", "dirpath", "image_dir")
 
