@@ -25,13 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from vaelab.errors import DISK_ERRNOS, Interrupted, UserError, disk_message, end, exit_cleanly, one_line, quiet, record, stop_with
 from vaelab.files import atomic_write
-from vaelab.runs import workers
+from vaelab.runs import pruning, workers
 from vaelab.runs.rundir import COMMANDS, MARKER, check_run
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
-STATUSES = ("ok", "failed", "interrupted", "running")  # running: still going, or its process died unreported
+STATUSES = ("ok", "failed", "pruned", "interrupted", "running")  # running: still going, or its process died unreported
+DONE = ("ok", "pruned")  # pruned: stopped early by Optuna's pruner (vaelab.runs.pruning), not a failure
 METRIC_COLUMNS = (
     "val/nelbo_bpd",
     "val/loss",
@@ -127,7 +128,7 @@ def collect(sweep_dir: Path) -> list[dict[str, Any]]:
                 "status": status.get("status", "unknown"),
                 "val/nelbo": nelbo,
                 **{key: metrics.get(key) for key in (*METRIC_COLUMNS, *LABELS)},
-                "epochs": status.get("epochs") if status.get("status") == "ok" else None,
+                "epochs": status.get("epochs") if status.get("status") in DONE else None,
                 "wall_time_s": status.get("wall_time_s"),
                 "overrides": " ".join(status.get("overrides", [])),
                 "error": status.get("error", ""),
@@ -178,7 +179,8 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
         f"{len(rows)} jobs: {counts['ok']} ok, {counts['failed']} failed"
         + "".join(f", {counts[s]} {s}" for s in STATUSES[2:] if counts[s])
         + ". Best first, by val/nelbo = val/recon + val/kl (the negative ELBO, nats per image; "
-        "val/loss when beta = 1), under each job's likelihood and binarization; *_bpd: the same figure in bits per "
+        "val/loss when beta = 1), under each job's likelihood and binarization; pruned: stopped by Optuna's pruner "
+        "after `epochs` epochs, its figures from then; *_bpd: the same figure in bits per "
         "dimension; test/nll_iwae: the IWAE estimate of -log p(x) (K = model.eval_iwae_samples). Wall time in seconds.",
         "",
         "| " + " | ".join(MD_COLUMNS) + " |",
@@ -215,8 +217,10 @@ def _mark_unfinished(sweep_dir: Path, error: str) -> list[dict[str, Any]]:
 def how_far(rows: list[dict[str, Any]], sweep_dir: Path) -> str:
     counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
     return (
-        f"the sweep stopped with {counts['ok']} job(s) done, {counts['failed']} failed and {counts['interrupted']} "
-        f"interrupted (each continues with vaelab-resume <its job dir>); summary: {sweep_dir / 'summary.md'}"
+        f"the sweep stopped with {counts['ok']} job(s) done, "
+        + (f"{counts['pruned']} pruned, " if counts["pruned"] else "")
+        + f"{counts['failed']} failed and {counts['interrupted']} interrupted (each continues with vaelab-resume "
+        f"<its job dir>); summary: {sweep_dir / 'summary.md'}"
     )
 
 
@@ -236,7 +240,7 @@ def run_job(prog: str, cfg: DictConfig, work: Callable[[], Any]) -> Any:
     job_dir, sweep_dir = Path(HydraConfig.get().runtime.output_dir), Path(HydraConfig.get().sweep.dir)
     try:
         check_run(cfg, COMMANDS[prog])
-        return work()
+        return pruning.job_result(work)
     except (UserError, OSError) as err:
         if isinstance(err, OSError) and err.errno not in DISK_ERRNOS:
             raise
@@ -275,6 +279,8 @@ class SweepSummary(Callback):
         self.sweep_pid: int | None = None  # a joblib sweep's main process (the workers get it with this callback)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        with exit_cleanly(config.hydra.help.app_name):  # Hydra would take an error in a callback for a warning
+            pruning.check(config)  # before Optuna's study is made
         if "joblib" in str(config.hydra.launcher.get("_target_", "")):
             self.sweep_pid = os.getpid()
             workers.start_with_initializer(self.sweep_pid)
@@ -327,14 +333,15 @@ class SweepSummary(Callback):
         error = status.get("error", "") if status.get("status") == "failed" else ""  # run_job's record
         if job_return.status != JobStatus.COMPLETED and not error:
             error = "the job failed (see its log)"
+        pruned = not error and isinstance(job_return.return_value, pruning.Pruned)
         _update_status(
             job_dir,
             Path(config.hydra.sweep.dir),
             job=int(config.hydra.job.num),
-            status="failed" if error else "ok",
+            status="failed" if error else "pruned" if pruned else "ok",
             wall_time_s=round(time.time() - started, 2) if started else None,
-            # as set: only max_steps or early stopping end sooner
-            epochs=OmegaConf.select(config, "trainer.max_epochs"),
+            # as set (only max_steps or early stopping end sooner), or as many as a pruned trial trained
+            epochs=job_return.return_value.epochs if pruned else OmegaConf.select(config, "trainer.max_epochs"),
             error=error,
             overrides=list(config.hydra.overrides.task),
         )
@@ -350,8 +357,18 @@ class SweepSummary(Callback):
             if ok and ok[0]["val/nelbo"] is not None
             else ""
         )
-        log.info("sweep summary: %s (%d ok, %d not)%s", sweep_dir / "summary.md", len(ok), len(rows) - len(ok), best)
-        failed = sorted((r for r in rows if r["status"] != "ok"), key=lambda r: r["job"] if r["job"] is not None else math.inf)
+        pruned = sum(r["status"] == "pruned" for r in rows)
+        log.info(
+            "sweep summary: %s (%d ok, %d pruned, %d failed)%s",
+            sweep_dir / "summary.md",
+            len(ok),
+            pruned,
+            len(rows) - len(ok) - pruned,
+            best,
+        )
+        failed = sorted(
+            (r for r in rows if r["status"] not in DONE), key=lambda r: r["job"] if r["job"] is not None else math.inf
+        )
         if failed and self.fail_on_failed_jobs:  # every job has run (Hydra's way); the sweep then fails, in one line
             first = failed[0]
             message = (
