@@ -1,0 +1,120 @@
+"""benchmarks/epoch_time.py and the timing it reads (vaelab.training.timing.EpochTiming)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import TensorBoardLogger
+
+from vaelab.training.timing import EpochTiming
+
+REPO = Path(__file__).resolve().parents[1]
+PICTURES = ("reconstructions", "noisy_reconstructions", "interpolation", "samples", "traversals")
+
+
+class Tiny(pl.LightningModule):
+    """A linear model whose training step sleeps STEP seconds; it logs its loss every step."""
+
+    STEP = 0.01
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        time.sleep(self.STEP)
+        loss = self.layer(batch[0]).pow(2).mean()
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val", self.layer(batch[0]).pow(2).mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(12, 4)), batch_size=4)
+
+    val_dataloader = train_dataloader
+
+
+class Pictures(pl.Callback):
+    """Sleeps EPOCH_END seconds at each validation epoch's end, like a picture; at each training epoch's start the
+    benchmark's other loops run, PAUSE seconds, in EpochTiming.paused()."""
+
+    EPOCH_END, PAUSE = 0.05, 1.0  # a pause far longer than a late wake-up on a loaded machine
+
+    def __init__(self, timing: EpochTiming):
+        self.timing, self.paused = timing, 0.0  # seconds paused in all
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        time.sleep(self.EPOCH_END)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        with self.timing.paused():
+            start = time.perf_counter()
+            time.sleep(self.PAUSE)
+            self.paused += time.perf_counter() - start
+
+
+def test_each_moment_of_each_epoch_is_charged_once_to_its_part(tmp_path):
+    timing = EpochTiming()
+    pictures = Pictures(timing)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[timing, pictures],
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Tiny())
+    assert timing.steps == [3, 3] and len(timing.epochs) == len(timing.cpu) == len(timing.charges) == 2
+    charged = sum(sum(epoch.values()) for epoch in timing.epochs)
+    assert charged == pytest.approx(timing.ended_at - timing.started_at - pictures.paused, abs=0.002)
+    for epoch, cpu in zip(timing.epochs, timing.cpu):
+        assert epoch["steps/forward and loss"] >= 3 * Tiny.STEP  # the sleeps inside the steps
+        assert Pictures.EPOCH_END <= epoch["epoch end/callback: Pictures"] < Pictures.EPOCH_END + Pictures.PAUSE / 2  # no pause
+        assert epoch["epoch end/validation"] > 0 and epoch["steps/zero_grad and backward"] > 0
+        assert epoch["steps/logging (TensorBoard writes): add_scalar"] > 0  # the loss logged every step
+        assert set(cpu) == {"steps", "epoch end"} and sum(cpu.values()) < sum(epoch.values())  # sleeping costs no CPU
+        assert {key.split("/")[0] for key in epoch} == {"steps", "epoch end"}
+    assert 0 < timing.overhead(1) < 0.05  # its own cost per epoch: milliseconds (loaded machines included)
+
+
+@pytest.mark.slow  # about 20 s on 2 quiet cores (7 s of imports)
+def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "benchmarks/epoch_time.py", "--quick", "--batch-sizes", "32"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert re.match(r"machine: .+, bf16 instructions: (yes|no) .+torch .+1 torch thread", out)
+    for loop in ("hand-written", "same-levers", "vaelab"):
+        assert re.search(rf"^\| 32 \| {loop} \| 20 \| \d+\.\d\d \(", out, re.M), loop  # 20 training steps an epoch
+    for figure in ("vaelab / hand-written", "vaelab / same-levers", "framework cost per step, training steps only"):
+        assert re.search(rf"^\| 32 \| {re.escape(figure)} \| -?\d+\.\d+(x| ms) \(.+\| <= ", out, re.M), figure
+    table = dict(re.findall(r"^\| (?:\*\*)?((?:steps|epoch end)/[^|*]+?)(?:\*\*)? \| (\d+\.\d+) \|", out, re.M))
+    parts = ["steps/forward and loss", "steps/zero_grad and backward", "steps/optimizer step", "steps/batch fetch, Lightning"]
+    parts += ["epoch end/validation", "epoch end/checkpoint writes", "epoch end/logging (TensorBoard writes): all"]
+    for part in parts + [f"epoch end/pictures: {name}" for name in PICTURES]:
+        assert float(table.get(part, 0)) > 0, part  # vaelab's seconds per epoch in it
+    assert "pictures: latent_map" in out  # drawn at the end of training only (latent 256): under half a millisecond
+    assert re.search(r"epoch end .+ of its epoch \(issue 21 point 2: <= 3%\)", out)
