@@ -114,7 +114,32 @@ def become(entry, request: dict) -> None:
         sys.stdout.reconfigure(write_through=True)
         sys.stderr.reconfigure(write_through=True)
     sys.argv = [request["script"], *request["args"]]
-    sys.exit(entry())  # leaves like the console script: atexit handlers, threads joined, streams flushed
+    try:
+        code = entry()
+    except SystemExit as exit:
+        code = exit.code
+    except BaseException as error:
+        sys.excepthook(*sys.exc_info())
+        code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
+    leave(code)
+
+
+def leave(code) -> None:
+    """End as the console script would (threads joined, atexit handlers run, streams flushed, SystemExit's code), but
+    without the interpreter's teardown: tearing down the preloaded torch and its modules costs seconds a command."""
+    import atexit
+
+    threading._shutdown()
+    atexit._run_exitfuncs()
+    if code is not None and not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == -signal.SIGINT:  # as Python ends on an uncaught KeyboardInterrupt: killed by SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+    os._exit((code or 0) & 0xFF)
 
 
 # --- the client ----------------------------------------------------------------------------------------------------
