@@ -98,6 +98,18 @@ def event_accumulator(run_dir: Path):
     return acc
 
 
+def image_tags(acc) -> set[str]:
+    """A run's picture tags as vaelab names them (TensorBoard holds each under `visuals/`, after the curves)."""
+    tags = acc.Tags()["images"]
+    assert all(tag.startswith("visuals/") for tag in tags), tags
+    return {tag.removeprefix("visuals/") for tag in tags}
+
+
+def logged_images(acc, tag: str):
+    """The logged images of one picture tag."""
+    return acc.Images("visuals/" + tag)
+
+
 def made_once(tmp_path_factory, name: str, make) -> Path:
     """`<shared>/<name>/run`, made by `make(run_dir)` once for the whole test session: pytest-xdist gives each worker
     a session of its own, so a session fixture would otherwise train the same run once per worker. The first worker

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, train_run
+from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, image_tags, logged_images, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import seeded_order
 from vaelab.pictures.base import label_column
@@ -56,7 +56,7 @@ def decode_png(data: bytes) -> np.ndarray:
 
 def logged(acc, tag: str) -> list[tuple[int, np.ndarray]]:
     """(step, HxWx3 uint8 pixels) of every image logged under tag, by step."""
-    return sorted((e.step, decode_png(e.encoded_image_string)) for e in acc.Images(tag))
+    return sorted((e.step, decode_png(e.encoded_image_string)) for e in logged_images(acc, tag))
 
 
 def png_name(tag: str, suffix: str) -> str:
@@ -94,14 +94,14 @@ def latent2_run(tmp_path_factory) -> Path:
 
 def test_every_picture_is_logged_each_epoch_at_its_grid_size(latent16_run):
     acc = event_accumulator(latent16_run)
-    tags = set(acc.Tags()["images"])
+    tags = image_tags(acc)
     assert set(EVERY_EPOCH) | {"reconstructions/test", "traversals"} == tags  # latent_map: a PROJECTOR entry at latent 16
     for tag, (rows, cols) in EVERY_EPOCH.items():
-        events = acc.Images(tag)
+        events = logged_images(acc, tag)
         assert sorted(e.step for e in events) == STEPS, tag
         for event in events:
             assert (event.height, event.width) == grid_shape(rows, cols), tag
-    (test,) = acc.Images("reconstructions/test")
+    (test,) = logged_images(acc, "reconstructions/test")
     assert (test.height, test.width) == grid_shape(2, 16)
 
 
@@ -168,7 +168,7 @@ def test_interpolation_ends_are_the_reconstructions_of_the_end_images(run_fixtur
 
 def test_latent_map_at_latent_dim_2_and_switched_off_picture_absent(latent2_run):
     acc = event_accumulator(latent2_run)
-    tags = set(acc.Tags()["images"])
+    tags = image_tags(acc)
     assert "samples" not in tags and not list((latent2_run / "images").glob("samples_*"))
     assert {"latent_map", "latent_map/scatter", "interpolation", "reconstructions/val"} <= tags
     manifold = logged(acc, "latent_map")
@@ -264,8 +264,11 @@ def test_tensorboard_server_lists_tags_and_serves_images(latent16_run):
         tags = set(scalars.get("tensorboard", {}))
         assert {"train/loss", "val/loss", "val/recon"} <= tags and "test/loss" not in tags, scalars  # test figures: HPARAMS
         images = json.loads(get("/data/plugin/images/tags"))["tensorboard"]
-        assert set(EVERY_EPOCH) | {"reconstructions/test"} <= set(images)
-        query = urllib.parse.urlencode({"run": "tensorboard", "tag": "samples", "sample": 0})
+        assert {f"visuals/{tag}" for tag in set(EVERY_EPOCH) | {"reconstructions/test"}} <= set(images)
+        # TIME SERIES, the tab TensorBoard opens on, sorts its card groups by prefix and expands the first two
+        groups = sorted({tag.split("/")[0] for tag in tags | set(images)})
+        assert groups == ["train", "val", "visuals"], groups
+        query = urllib.parse.urlencode({"run": "tensorboard", "tag": "visuals/samples", "sample": 0})
         entries = json.loads(get(f"/data/plugin/images/images?{query}"))
         assert [e["step"] for e in entries] == STEPS
         png = get(f"/data/plugin/images/individualImage?{entries[-1]['query']}")
@@ -421,11 +424,11 @@ def test_rgb_pictures_are_logged_in_colour_at_the_image_size(rgb_run):
 
     run, _ = rgb_run
     acc = event_accumulator(run)
-    assert set(acc.Tags()["images"]) == set(EVERY_EPOCH) | {"reconstructions/test", "traversals"}  # latent 8: the projector
+    assert image_tags(acc) == set(EVERY_EPOCH) | {"reconstructions/test", "traversals"}  # latent 8: the projector
     traversal = logged(acc, "traversals")[-1][1].astype(float) / 255  # 8 units (latent 8), 32-pixel cells, in colour
     assert traversal.shape[0] == 8 * (RGB_CELL + PAD) + PAD and np.abs(traversal[..., 0] - traversal[..., 2]).mean() > 0.01
     for tag, (rows, cols) in {**EVERY_EPOCH, "reconstructions/test": (2, 16)}.items():
-        events = acc.Images(tag)
+        events = logged_images(acc, tag)
         assert sorted(e.step for e in events) == (RGB_STEPS if tag != "reconstructions/test" else [RGB_STEPS[-1]]), tag
         for event in events:
             assert (event.height, event.width) == (rows * (RGB_CELL + PAD) + PAD, cols * (RGB_CELL + PAD) + PAD), tag
@@ -494,7 +497,7 @@ def test_a_conditional_run_logs_samples_by_class_one_named_row_per_class(conditi
     and the rows differ (the label changes the samples); every other picture is drawn too, the 2-D latent map once
     per class. An unconditional run has no samples/by_class."""
     acc = event_accumulator(conditional_run)
-    tags = set(acc.Tags()["images"])
+    tags = image_tags(acc)
     manifolds = {f"latent_map/{k}_{name.replace('/', '_').replace(' ', '_')}" for k, name in enumerate(FASHION)}
     assert {"samples", "samples/by_class", "reconstructions/val", "noisy_reconstructions", "interpolation", "traversals"} <= tags
     assert manifolds | {"latent_map/scatter"} <= tags and "latent_map" not in tags
@@ -511,7 +514,7 @@ def test_a_conditional_run_logs_samples_by_class_one_named_row_per_class(conditi
 
 
 def test_an_unconditional_run_has_no_samples_by_class(latent16_run):
-    assert "samples/by_class" not in event_accumulator(latent16_run).Tags()["images"]
+    assert "samples/by_class" not in image_tags(event_accumulator(latent16_run))
 
 
 # Measured: the cached classifier (test accuracy 0.8954) agrees with the row's class on 0.455, 0.460, 0.450 and 0.435

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA_DIR, event_accumulator, train_run
+from conftest import DATA_DIR, event_accumulator, image_tags, logged_images, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import seeded_order
 
@@ -48,7 +48,7 @@ def splits():
 
 def logged(run: Path, tag: str) -> np.ndarray:
     """The one picture logged under tag, as HxWx3 uint8."""
-    (event,) = event_accumulator(run).Images(tag)
+    (event,) = logged_images(event_accumulator(run), tag)
     return np.asarray(Image.open(io.BytesIO(event.encoded_image_string)).convert("RGB"))
 
 
@@ -96,7 +96,7 @@ def hand_grid(vae, codes: torch.Tensor, even_from_row: bool = True) -> np.ndarra
 
 def test_notebook_pictures_are_logged_and_saved_and_traversals_switch_off(notebook_run):
     acc = event_accumulator(notebook_run)
-    tags = set(acc.Tags()["images"])
+    tags = image_tags(acc)
     assert set(NOTEBOOK_TAGS) <= tags
     assert "traversals" not in tags and not list((notebook_run / "images").glob("traversals*"))  # ~callbacks.traversals
     for tag, (rows, cols) in NOTEBOOK_TAGS.items():

@@ -1,8 +1,8 @@
 """What every picture shares: each picture (grids.py, latent_maps.py, notebook.py) is a Lightning callback with its own config in conf/callbacks/. They share one pattern
 (`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
 images; every `every_n_epochs` validation epochs a grid (vaelab.pictures.png) is drawn in eval mode without
-gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter and saved with the
-same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
+gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter as `visuals/<tag>` and saved with
+the same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
 
 A conditional VAE (model.conditional=true) draws every picture of images with each image's own label; pictures
 drawn from the prior name the labels they use (`Samples`: also `samples/by_class`, one row per class).
@@ -25,6 +25,9 @@ from vaelab.pictures.png import make_grid, save_png
 
 PADDING = 2  # pixels between the cells (images of any size, grey or RGB) of every grid
 PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
+# TensorBoard's TIME SERIES tab, the one it opens on, sorts its card groups by tag prefix and expands the first two:
+# under this prefix the pictures come after the train/ and val/ curves.
+TENSORBOARD_PREFIX = "visuals/"
 FIT_STAGES = ("fit", "validate")  # the stages that run validation epochs, where most pictures are drawn
 
 
@@ -117,7 +120,7 @@ class PictureCallback(Callback):
         # (SummaryWriter would truncate floats to uint8 instead of rounding them).
         pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
         for writer in tensorboard_writers(trainer):
-            writer.add_image(tag, pixels, global_step=trainer.global_step)
+            writer.add_image(TENSORBOARD_PREFIX + tag, pixels, global_step=trainer.global_step)
         image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
         image_dir.mkdir(parents=True, exist_ok=True)
         stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
