@@ -99,7 +99,8 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path, re
     proc.kill()
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == BATCHES
-    resume(run_dir)
+    resumed = resume(run_dir)
+    assert "Checkpoint directory" not in resumed.stdout + resumed.stderr  # its own checkpoints/: no warning about them
     assert_same_as_reference(run_dir, reference)
     # the run's original .hydra record is kept; the resume's own is beside it
     assert "latent_dim=16" in (run_dir / ".hydra" / "overrides.yaml").read_text()

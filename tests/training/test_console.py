@@ -101,9 +101,13 @@ def test_the_filters_name_their_messages_and_nothing_else():
         warnings.warn_explicit("`isinstance(treespec, LeafSpec)` is deprecated", FutureWarning, "mine.py", 1, module="mine")
         warnings.warn_explicit("The number of training batches (3) is smaller than the logging interval", lineno=1, **fit_loop)
         warnings.warn_explicit("The 'train_dataloader' does not have many workers", lineno=2, **fit_loop)
+        checkpoint = {"category": UserWarning, "filename": "model_checkpoint.py", "module": "pytorch_lightning.callbacks"}
+        warnings.warn_explicit("Checkpoint directory /r/checkpoints exists and is not empty.", lineno=3, **checkpoint)
+        warnings.warn_explicit("Checkpoint directory /r/checkpoints is not writable.", lineno=4, **checkpoint)
     assert [(w.category, w.filename, w.lineno) for w in seen] == [
         (FutureWarning, "mine.py", 1),
         (PossibleUserWarning, "fit_loop.py", 2),
+        (UserWarning, "model_checkpoint.py", 4),
     ]
 
 

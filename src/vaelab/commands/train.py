@@ -130,8 +130,10 @@ def build_parts(start: Start):
     from vaelab.runs.checkpoints import check_fits, check_optimizer_state, vae_weights
     from vaelab.runs.guards import for_run
     from vaelab.runs.hardware import use_threads
+    from vaelab.training.console import silence_clutter
     from vaelab.training.data import LightningData
 
+    silence_clutter()  # also with the console's callbacks removed (~callbacks.console ~callbacks.progress_bar)
     cfg, point = start.cfg, start.point
     use_threads(cfg.threads or parallel_threads())  # in a joblib sweep, null shares the cores out among the jobs
     pl.seed_everything(cfg.seed, workers=True)

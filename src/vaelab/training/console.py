@@ -3,7 +3,7 @@ and at the end (vaelab.commands.train) a small table of the final figures; the p
 
 Lightning's clutter is silenced at its source: its model summary table (a FLOPs column of zeros without an example
 input, a row for the internal eval_means metrics) is off (vaelab.commands.train.build_parts: Trainer(enable_model_summary=
-False) unless trainer.enable_model_summary is set) and Console says the model in one line; three messages that say
+False) unless trainer.enable_model_summary is set) and Console says the model in one line; four messages that say
 nothing to a vaelab user are filtered by their own text (silence_clutter).
 """
 
@@ -36,7 +36,7 @@ ROWS = (
 
 
 def silence_clutter() -> None:
-    """Three messages of Lightning and torch that are noise in a vaelab run, each filtered by its own text."""
+    """Four messages of Lightning and torch that are noise in a vaelab run, each filtered by its own text."""
     # Lightning advertises its cloud logger to every run that does not use it.
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _NotTheLitLoggerTip) for f in rank_zero.filters):
@@ -48,6 +48,9 @@ def silence_clutter() -> None:
     # An epoch of fewer batches than log_every_n_steps: Lightning warns that the epoch logs nothing, but vaelab's module
     # logs train/loss every log_every_n_steps steps of the whole run (the global step), so small epochs log it too.
     warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
+    # vaelab-resume continues a run in its own directory, whose checkpoints/ holds the run's checkpoints by design (a
+    # new run never starts in a non-empty directory: vaelab.runs.rundir refuses it or moves it aside first).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
 
 
 class _NotTheLitLoggerTip(logging.Filter):
