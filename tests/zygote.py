@@ -116,8 +116,8 @@ def become(entry, request: dict) -> None:
     sys.argv = [request["script"], *request["args"]]
     try:
         code = entry()
-    except SystemExit as exit:
-        code = exit.code
+    except SystemExit as ended:
+        code = ended.code
     except BaseException as error:
         sys.excepthook(*sys.exc_info())
         code = -signal.SIGINT if isinstance(error, KeyboardInterrupt) else 1
