@@ -24,8 +24,8 @@ from conftest import (
     PAUSING_ENV,
     default_signals,
     event_accumulator,
-    logged_images,
     finished,
+    logged_images,
     one_line,
     pause_at,
     read_metrics,
@@ -74,7 +74,11 @@ def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
     for tag in ["train/loss", "val/loss"]:
         assert [e.step for e in acc.Scalars(tag)] == [e.step for e in ref.Scalars(tag)], tag
         assert [e.value for e in acc.Scalars(tag)] == pytest.approx([e.value for e in ref.Scalars(tag)], rel=1e-5), tag
-    assert [e.step for e in logged_images(acc, "samples")] == [e.step for e in logged_images(ref, "samples")] == [BATCHES, 2 * BATCHES]
+    assert (
+        [e.step for e in logged_images(acc, "samples")]
+        == [e.step for e in logged_images(ref, "samples")]
+        == [BATCHES, 2 * BATCHES]
+    )
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(4, 2 * BATCHES, 5))
 
 
