@@ -1,7 +1,7 @@
 # Command 1: `make train` sets everything up (venv, packages, Fashion-MNIST) and trains the default experiment.
 # Command 2: `make test` sets everything up, builds the docs strictly, checks the style and runs the whole test suite
 # (what CI runs).
-# While editing: `make check`, the in-process tests alone (51 s on 2 cores; `make test` about 7.5 minutes).
+# While editing: `make check`, ruff and the in-process tests (51-60 s on 2 cores; `make test` about 7.5 minutes).
 VENV ?= .venv
 PYTHON ?= python3
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -25,8 +25,11 @@ data:
 train: setup
 	$(VENV)/bin/vaelab-train $(ARGS)
 
-# The fast tier: no test that starts a process (marked `shell` by tests/conftest.py) and none marked `slow`.
+# The fast tier: the style checks (under a second), then no test that starts a process (marked `shell` by
+# tests/conftest.py) and none marked `slow`.
 check: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/pytest -q -m "not shell and not slow"
 
 # The MkDocs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link. Not -q: with it, mkdocs 1.6 drops
