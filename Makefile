@@ -1,7 +1,7 @@
 # Command 1: `make train` sets everything up (venv, packages, Fashion-MNIST) and trains the default experiment.
 # Command 2: `make test` sets everything up, builds the docs strictly, checks the style and runs the whole test suite
 # (what CI runs).
-# While editing: `make check`, ruff and the in-process tests (51-60 s on 2 cores; `make test` about 7.5 minutes).
+# While editing: `make check`, ruff and the in-process tests (51-60 s on 2 cores; `make test` 7.5-8 minutes).
 VENV ?= .venv
 PYTHON ?= python3
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
