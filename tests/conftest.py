@@ -98,16 +98,20 @@ def event_accumulator(run_dir: Path):
     return acc
 
 
+# vaelab.pictures.base.TENSORBOARD_PREFIX, spelled out: the event files' tags are part of vaelab's interface.
+PICTURE_PREFIX = "visuals/"
+
+
 def image_tags(acc) -> set[str]:
-    """A run's picture tags as vaelab names them (TensorBoard holds each under `visuals/`, after the curves)."""
+    """A run's picture tags as vaelab names them (TensorBoard holds each under PICTURE_PREFIX, after the curves)."""
     tags = acc.Tags()["images"]
-    assert all(tag.startswith("visuals/") for tag in tags), tags
-    return {tag.removeprefix("visuals/") for tag in tags}
+    assert all(tag.startswith(PICTURE_PREFIX) for tag in tags), tags
+    return {tag.removeprefix(PICTURE_PREFIX) for tag in tags}
 
 
 def logged_images(acc, tag: str):
     """The logged images of one picture tag."""
-    return acc.Images("visuals/" + tag)
+    return acc.Images(PICTURE_PREFIX + tag)
 
 
 def made_once(tmp_path_factory, name: str, make) -> Path:
