@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # The data cache the CLI uses (decompressed once from Debian's dataset-fashion-mnist by `make data`).
 DATA_DIR = Path(os.environ.get("VAELAB_DATA_DIR", REPO / "data"))
+# Debian's dataset-fashion-mnist, the source of that cache: tests that read the data name it, so that on a fresh clone
+# whichever test comes first fills the cache (no test may assume another ran before it).
+SYSTEM_DIR = "/usr/share/datasets/fashion-mnist"
 
 # A few batches of real data: enough to train visibly, small enough for a test. Three epochs, not the default ten:
 # each epoch adds its validation and pictures (about 0.7 s a run here), and three already make a curve. Validation

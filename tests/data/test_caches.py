@@ -145,11 +145,11 @@ def test_an_image_that_cannot_be_read_is_one_line_naming_it(tmp_path, kind):
 
 def test_a_torchvision_file_changed_in_place_is_converted_anew(tmp_path, caplog):
     """The torchvision cache was not keyed at all: a replaced file of torchvision's was never read again."""
-    from conftest import DATA_DIR, idx_bytes
+    from conftest import DATA_DIR, SYSTEM_DIR, idx_bytes
     from vaelab.data.mnist import IDX_FILES, locate, read_idx
     from vaelab.data.torchvision_data import TorchvisionData
 
-    real = locate(DATA_DIR, "FashionMNIST", None, download=False)
+    real = locate(DATA_DIR, "FashionMNIST", SYSTEM_DIR, download=False)
     raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)
     for (split, _), (stem, magic, shape) in IDX_FILES.items():
@@ -183,10 +183,10 @@ TINY = {"train_size": 300, "epochs": 1}
 
 @pytest.fixture(scope="module")
 def fashion():
-    from conftest import DATA_DIR
+    from conftest import DATA_DIR, SYSTEM_DIR
     from vaelab.data.mnist import MNISTLike
 
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR)
     datamodule.setup("fit")
     return datamodule
 

@@ -99,12 +99,12 @@ def test_datamodule_splits_scales_and_keeps_labels(tmp_path, system_dir):
 
 
 def test_kmnist_by_name_reads_its_idx_files_like_fashion_mnist(tmp_path):
-    from conftest import DATA_DIR
+    from conftest import DATA_DIR, SYSTEM_DIR
 
     raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)
     for stem, _, _ in IDX_FILES.values():  # KMNIST's files have Fashion-MNIST's format and sizes
-        (raw / stem).symlink_to(locate(DATA_DIR, "FashionMNIST", None, download=False) / stem)
+        (raw / stem).symlink_to(locate(DATA_DIR, "FashionMNIST", SYSTEM_DIR, download=False) / stem)
     dm = MNISTLike("KMNIST", data_dir=str(tmp_path))
     dm.prepare_data()
     dm.setup()

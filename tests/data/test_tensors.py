@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, SYSTEM_DIR
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import TensorBatches
 
@@ -39,7 +39,7 @@ def test_tensor_batches_shard_across_ranks():
 def datamodules():
     made = {}
     for mode in ("none", "dynamic", "static"):
-        dm = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=500, binarize=mode)
+        dm = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, batch_size=500, binarize=mode)
         dm.setup()
         made[mode] = dm
     return made
@@ -70,7 +70,7 @@ def test_dynamic_binarization_redraws_training_images_each_epoch_and_fixes_the_t
     for split in ("val_set", "test_set"):
         assert set(getattr(dynamic, split)[0].unique().tolist()) == {0.0, 1.0}
         assert torch.equal(getattr(dynamic, split)[0], getattr(static, split)[0])
-    again = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", binarize="dynamic")
+    again = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, binarize="dynamic")
     again.setup()
     assert torch.equal(again.test_set[0], dynamic.test_set[0])
     # static: the training images are binarized once too

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
-from conftest import DATA_DIR, REPO, dense_vae
+from conftest import DATA_DIR, REPO, SYSTEM_DIR, dense_vae
 from vaelab.commands.evaluate import evaluate
 from vaelab.evaluation.bounds import active_units, likelihood, noisy_input_errors
 from vaelab.model.networks import DenseDecoder
@@ -198,7 +198,7 @@ def test_memory_stays_flat_over_many_images_at_large_k():
     def resident_mib() -> float:
         return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
 
-    data = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", binarize="dynamic")
+    data = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, binarize="dynamic")
     data.setup()
     torch.manual_seed(0)
     vae = dense_vae(latent_dim=40, image_shape=(1, 28, 28)).vae.eval()
@@ -221,7 +221,7 @@ def small_classifier(tmp_path_factory):
     from vaelab.data.mnist import MNISTLike
     from vaelab.evaluation.classifier import load_or_train_classifier
 
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR)
     model, _ = load_or_train_classifier(datamodule, epochs=2, train_size=3000, cache_dir=tmp_path_factory.mktemp("classifier"))
     return model, datamodule
 

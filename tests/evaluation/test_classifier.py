@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from conftest import DATA_DIR
+from conftest import DATA_DIR, SYSTEM_DIR
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import TensorData
 from vaelab.errors import UserError
@@ -24,7 +24,7 @@ TINY = {"train_size": 1000, "epochs": 1}  # where the accuracy does not matter
 
 @pytest.fixture(scope="module")
 def fashion():
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR)
     datamodule.setup("fit")
     return datamodule
 

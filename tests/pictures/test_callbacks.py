@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import BIN, DATA_DIR, dense_vae, event_accumulator, image_tags, logged_images, train_run
+from conftest import BIN, DATA_DIR, SYSTEM_DIR, dense_vae, event_accumulator, image_tags, logged_images, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import seeded_order
 from vaelab.pictures.base import label_column
@@ -290,7 +290,7 @@ def test_tensorboard_server_lists_tags_and_serves_images(latent16_run):
 @pytest.fixture(scope="module")
 def val_images() -> torch.Tensor:
     """The validation images of every run (the default split), as the callbacks pick from them."""
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR)
     datamodule.setup("fit")
     return datamodule.val_set[0]
 
@@ -359,7 +359,7 @@ def test_the_row_of_an_inactive_unit_stays_still_and_comes_last(tmp_path):
     from pytorch_lightning.loggers import TensorBoardLogger
 
     latent, dead, steps = 6, 1, 7
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist", batch_size=64, val_size=300)
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, batch_size=64, val_size=300)
     pl.seed_everything(0)
     module = dense_vae(latent, (1, 28, 28), lr=1e-2)
     vae = module.vae

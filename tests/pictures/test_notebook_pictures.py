@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DATA_DIR, event_accumulator, image_tags, logged_images, train_run
+from conftest import DATA_DIR, SYSTEM_DIR, event_accumulator, image_tags, logged_images, train_run
 from vaelab.data.mnist import MNISTLike
 from vaelab.data.tensors import seeded_order
 
@@ -41,7 +41,7 @@ def notebook_vae(notebook_run):
 
 @pytest.fixture(scope="module")
 def splits():
-    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir="/usr/share/datasets/fashion-mnist")
+    datamodule = MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR)
     datamodule.setup("fit")
     return {"train": datamodule.train_set[0], "test": datamodule.test_set[0]}
 
