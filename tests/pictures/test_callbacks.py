@@ -115,6 +115,8 @@ def test_png_copies_hold_the_logged_pixels(latent16_run):
         assert len(files) == len(images)
         for path, (_, pixels) in zip(files, images):
             assert np.array_equal(np.asarray(Image.open(path).convert("RGB")), pixels), path
+        # encoded once: TensorBoard holds the files' own bytes
+        assert sorted(e.encoded_image_string for e in logged_images(acc, tag)) == sorted(f.read_bytes() for f in files)
 
 
 def test_reconstructions_resemble_their_fixed_inputs(latent16_run):

@@ -17,11 +17,12 @@ import numpy as np
 import torch
 from pytorch_lightning import Callback, LightningModule, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger
+from tensorboard.compat.proto.summary_pb2 import Summary
 
 from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError
 from vaelab.model.vae import VAE
-from vaelab.pictures.png import make_grid, save_png
+from vaelab.pictures.png import encode_png, make_grid, png_pixels
 
 PADDING = 2  # pixels between the cells (images of any size, grey or RGB) of every grid
 PAD_VALUE = 1.0  # white lines: the images' own backgrounds are black
@@ -115,16 +116,25 @@ class PictureCallback(Callback):
             self.log_image(trainer, tag, image, suffix)
 
     def log_image(self, trainer: Trainer, tag: str, image: torch.Tensor, suffix: str | None) -> None:
-        image = image.detach().float().cpu()
-        # save_png's (torchvision's save_image's) rounding, done once here: TensorBoard and the PNG then hold the same pixels
-        # (SummaryWriter would truncate floats to uint8 instead of rounding them).
-        pixels = image.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)
+        """One PNG encoding for both copies: TensorBoard and the file hold the same bytes, so the same pixels."""
+        pixels = png_pixels(image)
+        png = encode_png(pixels)
+        height, width, channels = pixels.shape
+        summary = Summary(
+            value=[
+                Summary.Value(
+                    tag=TENSORBOARD_PREFIX + tag,
+                    image=Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png),
+                )
+            ]
+        )
         for writer in tensorboard_writers(trainer):
-            writer.add_image(TENSORBOARD_PREFIX + tag, pixels, global_step=trainer.global_step)
+            # add_image's own path (SummaryWriter.add_image encodes, then hands its file writer this summary)
+            writer._get_file_writer().add_summary(summary, trainer.global_step)
         image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
         image_dir.mkdir(parents=True, exist_ok=True)
         stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
-        save_png(image, image_dir / f"{stem}.png")
+        (image_dir / f"{stem}.png").write_bytes(png)
 
 
 def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
