@@ -118,3 +118,21 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
         assert float(table.get(part, 0)) > 0, part  # vaelab's seconds per epoch in it
     assert "pictures: latent_map" in out  # drawn at the end of training only (latent 256): under half a millisecond
     assert re.search(r"epoch end .+ of its epoch \(issue 21 point 2: <= 3%\)", out)
+
+
+@pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports
+def test_the_lightning_floor_benchmark_times_each_loop_at_one_optimizer_step_a_batch():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/lightning_floor.py", "--quick", "--chunk", "3"],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]  # it exits non-zero when a loop made other than 16 steps
+    assert done.stdout.startswith("batch 32, 16 steps, 1 repeats")
+    figure = r"\d+\.\d{3} ms/step CPU \(\d+\.\d{3}-\d+\.\d{3}\)"
+    assert re.search(rf"^same-levers: {figure}$", done.stdout, re.M)
+    for loop in ("Lightning, automatic", "Lightning, manual, 3 steps a call"):
+        assert re.search(rf"^{loop}: {figure}; over same-levers -?\d+\.\d{{3}} ms", done.stdout, re.M), loop
