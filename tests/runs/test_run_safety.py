@@ -8,6 +8,7 @@ worker behind and no job trains. In-process: moving aside twice in one second, a
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import os
@@ -79,6 +80,30 @@ def test_a_running_sweep_and_its_job_are_in_use(tmp_path):
         sweep.kill()
         sweep.wait(timeout=60)
     assert made_by(sweep_dir) == "vaelab-train sweep" and made_by(job) == "vaelab-train sweep job"
+
+
+def test_a_logger_folder_outside_the_run_is_never_written_over(tmp_path):
+    """Two runs with one logger save_dir elsewhere: the second wrote over the first's metrics.csv and hparams.yaml
+    (and TensorBoard's projector), and mixed its curves with theirs. Now it stops in one line; the first run's own
+    resume continues its logs there."""
+    shared = tmp_path / "shared"
+    loggers = ["logger=many", "~logger.mlflow", f"logger.csv.save_dir={shared}", f"logger.tensorboard.save_dir={shared}"]
+    run_cli(*TINY, f"hydra.run.dir={tmp_path / 'first'}", *loggers)
+    before = files(shared)
+    assert "csv/metrics.csv" in before and any(name.startswith("tensorboard/events.") for name in before)
+    second = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'second'}", *loggers, check=False)
+    line = one_line(second, "vaelab-train: error: logger.tensorboard.save_dir=")  # the first of the loggers
+    assert f"{shared / 'tensorboard'} already holds another run's logs (" in line
+    assert (
+        f"which this run would write over; give it a folder of its own, e.g. logger.tensorboard.save_dir={shared / 'second'}"
+        in line
+    )
+    assert files(shared) == before
+    run_cli(*TINY, f"hydra.run.dir={tmp_path / 'second'}", *loggers[:2], "overwrite=true")  # its own folder: fine
+
+    run_cli(str(tmp_path / "first"), "epochs=2", tool="vaelab-resume")
+    rows = list(csv.DictReader((shared / "csv" / "metrics.csv").read_text().splitlines()))
+    assert {row["epoch"] for row in rows if row.get("val/loss")} >= {"0", "1"}  # the first epoch kept, the second added
 
 
 @pytest.mark.parametrize("setting", ["hydra.run.dir", "hydra.sweep.dir"])

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vaelab.errors import UserError, one_line
 from vaelab.files import atomic_write
 from vaelab.runs.renames import RETIRED, renamed
-from vaelab.runs.rundir import check_run, claim, lock
+from vaelab.runs.rundir import check_run, claim, lock, take_log_folders
 
 TRAINING_STATE = {"state_dict", "optimizer_states", "loops", "epoch", "global_step"}
 
@@ -290,6 +290,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     cfg = resumed(run_dir, overrides)
     check_run(cfg, "train", checkpoint=False)  # it continues from its own checkpoint, not from its ckpt_path
     check_networks(cfg)
+    take_log_folders(cfg, run_dir, new=False)  # its own logs, elsewhere: continued, and locked like the run
     newest = newest_checkpoint(run_dir, cfg)
     if newest is None:  # killed before its first checkpoint: it starts again, in place
         return Start(cfg, run_dir, point=ResumePoint(path=None), overrides=tuple(overrides), resumed=True)

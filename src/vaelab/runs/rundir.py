@@ -92,6 +92,43 @@ def lock(directory: Path) -> None:
     _locks[key] = fd
 
 
+def log_folders_elsewhere(config: DictConfig, run_dir: Path) -> list[tuple[str, Path]]:
+    """(setting, folder) of each TensorBoard or CSV logger that writes into a fixed folder (a `version` given, as
+    vaelab's presets give it) outside the run directory: <save_dir>/<name>/<version>, Lightning's log_dir."""
+    found = []
+    for name, node in (config.get("logger") or {}).items():
+        target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
+        if not target.endswith(("TensorBoardLogger", "CSVLogger")) or node.get("version") is None or not node.get("save_dir"):
+            continue
+        version = node.version if isinstance(node.version, str) else f"version_{node.version}"
+        folder = Path(str(node.save_dir)) / str(node.get("name") or "") / version
+        if not Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(run_dir)):
+            found.append((f"logger.{name}.save_dir", folder))
+    return found
+
+
+def take_log_folders(config: DictConfig, run_dir: Path, new: bool) -> None:
+    """Lock each logger folder outside the run directory for the run (one in use by another command is refused, like
+    a run directory); a new run also refuses one that holds files: it would write over another run's metrics.csv,
+    hparams.yaml and projector, and mix its curves with theirs. The checks come first, so a refusal makes nothing."""
+    folders = log_folders_elsewhere(config, run_dir)
+    for setting, folder in folders:
+        if folder.is_dir():
+            lock(folder)
+            held = sorted(p.name for p in folder.iterdir())
+            if new and held:
+                save_dir = config.logger[setting.split(".")[1]].save_dir
+                raise UserError(
+                    f"{setting}={save_dir}: {folder} already holds another run's logs ({', '.join(held[:3])}"
+                    f"{', ...' if len(held) > 3 else ''}), which this run would write over; give it a folder of its own, "
+                    f"e.g. {setting}={Path(str(save_dir)) / run_dir.name}, or leave save_dir at its default, the run directory"
+                )
+    for setting, folder in folders:
+        if not folder.is_dir():
+            claim(folder, unique=False, setting=f"{setting}=<dir>")
+            lock(folder)
+
+
 def mark(directory: Path, made_by: str) -> None:
     """vaelab's marker: this directory is vaelab's own (`made_by`: the command and what it is, e.g. 'vaelab-train run')."""
     atomic_write(Path(directory) / MARKER, json.dumps({"made_by": made_by, "created": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
