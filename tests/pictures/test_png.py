@@ -37,31 +37,3 @@ def test_a_batch_it_cannot_draw_is_refused():
 def test_vaelab_generate_imports_no_torchvision():
     check = "import vaelab.commands.generate, sys; assert 'torchvision' not in sys.modules, 'torchvision imported'"
     subprocess.run([sys.executable, "-c", check], check=True, timeout=120)
-
-
-def test_pictures_never_replace_a_file_outside_the_run_directory(tmp_path):
-    """A shared image_dir (two runs, a sweep) kept only the last run's pictures: each overwrote the one before."""
-    from types import SimpleNamespace
-
-    from vaelab.pictures.base import PictureCallback
-
-    run, shared = tmp_path / "run", tmp_path / "shared"
-    trainer = SimpleNamespace(default_root_dir=str(run), loggers=[], global_step=0)
-    image = torch.rand(3, 6, 6, generator=torch.Generator().manual_seed(0))
-    victim = tmp_path / "victim.txt"
-    victim.write_text("not vaelab's")
-    shared.mkdir()
-    (shared / "samples_epoch000.png").write_bytes(b"an earlier run's picture")
-    (shared / "samples_epoch000-v1.png").symlink_to(victim)  # a link is never followed
-    PictureCallback(image_dir=str(shared)).log_image(trainer, "samples", image, "epoch000")
-    assert (shared / "samples_epoch000.png").read_bytes() == b"an earlier run's picture"
-    assert victim.read_text() == "not vaelab's"
-    drawn = np.asarray(Image.open(shared / "samples_epoch000-v2.png"))
-    assert np.array_equal(drawn, image.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy())
-
-    # In the run's own directory an epoch drawn again (a resume replays it) replaces its picture, under its name.
-    own = PictureCallback()  # image_dir None: <run>/images
-    own.log_image(trainer, "samples", image, "epoch000")
-    own.log_image(trainer, "samples", 1 - image, "epoch000")
-    assert sorted(p.name for p in (run / "images").iterdir()) == ["samples_epoch000.png"]
-    assert not np.array_equal(np.asarray(Image.open(run / "images" / "samples_epoch000.png")), drawn)

@@ -82,28 +82,40 @@ def test_a_running_sweep_and_its_job_are_in_use(tmp_path):
     assert made_by(sweep_dir) == "vaelab-train sweep" and made_by(job) == "vaelab-train sweep job"
 
 
-def test_a_logger_folder_outside_the_run_is_never_written_over(tmp_path):
-    """Two runs with one logger save_dir elsewhere: the second wrote over the first's metrics.csv and hparams.yaml
-    (and TensorBoard's projector), and mixed its curves with theirs. Now it stops in one line; the first run's own
-    resume continues its logs there."""
+def test_a_folder_outside_the_run_is_never_written_over(tmp_path):
+    """Outputs sent outside the run directory: a second run wrote over the first's last.ckpt (the last checkpoint
+    keeps one name), metrics.csv, hparams.yaml, projector and pictures, and mixed its curves with theirs. Now it
+    stops in one line for each such folder; the first run's own resume continues there, from its own last.ckpt."""
     shared = tmp_path / "shared"
-    loggers = ["logger=many", "~logger.mlflow", f"logger.csv.save_dir={shared}", f"logger.tensorboard.save_dir={shared}"]
-    run_cli(*TINY, f"hydra.run.dir={tmp_path / 'first'}", *loggers)
+    elsewhere = {
+        "logger": [
+            "logger=many",
+            "~logger.mlflow",
+            f"logger.csv.save_dir={shared}/logs",
+            f"logger.tensorboard.save_dir={shared}/logs",
+        ],
+        "checkpoints": [f"callbacks.model_checkpoint.dirpath={shared}/ck", f"callbacks.last_checkpoint.dirpath={shared}/ck"],
+        "pictures": [f"callbacks.samples.image_dir={shared}/pics"],
+    }
+    run_cli(*TINY, f"hydra.run.dir={tmp_path / 'first'}", *sum(elsewhere.values(), []))
     before = files(shared)
-    assert "csv/metrics.csv" in before and any(name.startswith("tensorboard/events.") for name in before)
-    second = run_cli(*TINY, f"hydra.run.dir={tmp_path / 'second'}", *loggers, check=False)
-    line = one_line(second, "vaelab-train: error: logger.tensorboard.save_dir=")  # the first of the loggers
-    assert f"{shared / 'tensorboard'} already holds another run's logs (" in line
-    assert (
-        f"which this run would write over; give it a folder of its own, e.g. logger.tensorboard.save_dir={shared / 'second'}"
-        in line
-    )
-    assert files(shared) == before
-    run_cli(*TINY, f"hydra.run.dir={tmp_path / 'second'}", *loggers[:2], "overwrite=true")  # its own folder: fine
+    assert {"ck/last.ckpt", "logs/csv/metrics.csv", "pics/samples_epoch000.png"} <= set(before)
+    expected = {
+        "logger": f"logger.tensorboard.save_dir={shared}/logs: {shared}/logs/tensorboard already holds another run's files (",
+        "checkpoints": f"callbacks.model_checkpoint.dirpath={shared}/ck: {shared}/ck already holds another run's files (",
+        "pictures": f"callbacks.samples.image_dir={shared}/pics: {shared}/pics already holds another run's files (",
+    }
+    for kind, overrides in elsewhere.items():
+        second = run_cli(*TINY, f"hydra.run.dir={tmp_path / kind}", *overrides, check=False)
+        line = one_line(second, "vaelab-train: error: " + expected[kind])
+        assert "which this run would write over or mix with its own; give it a folder of its own, e.g. " in line
+        assert files(shared) == before, kind
 
     run_cli(str(tmp_path / "first"), "epochs=2", tool="vaelab-resume")
-    rows = list(csv.DictReader((shared / "csv" / "metrics.csv").read_text().splitlines()))
+    assert f"{shared}/ck/last.ckpt" in (tmp_path / "first" / "train.log").read_text()  # where the resume started
+    rows = list(csv.DictReader((shared / "logs" / "csv" / "metrics.csv").read_text().splitlines()))
     assert {row["epoch"] for row in rows if row.get("val/loss")} >= {"0", "1"}  # the first epoch kept, the second added
+    assert (shared / "pics" / "samples_epoch001.png").exists()
 
 
 @pytest.mark.parametrize("setting", ["hydra.run.dir", "hydra.sweep.dir"])

@@ -25,7 +25,7 @@ from vaelab.progress import logs_above_bars
 from vaelab.runs import resume as resuming
 from vaelab.runs import settings
 from vaelab.runs.resume import ResumePoint, Start, check_networks, fit_is_done, read_training_checkpoint
-from vaelab.runs.rundir import take_log_folders
+from vaelab.runs.rundir import take_folders_elsewhere
 from vaelab.runs.sweep import objective, parallel_threads
 from vaelab.training.hparams import hparams_of, write_hparams
 
@@ -37,7 +37,7 @@ def prepare(cfg: DictConfig) -> Start:
     """What a new run starts from: nothing, or the training checkpoint ckpt_path names (read and checked here)."""
     check_networks(cfg)
     run_dir = Path(cfg.paths.output_dir)
-    take_log_folders(cfg, run_dir, new=True)
+    take_folders_elsewhere(cfg, run_dir, new=True)  # outputs sent outside the run: never over another run's
     if cfg.get("ckpt_path") in (None, ""):
         return Start(cfg, run_dir)
     checkpoint, point = read_training_checkpoint(Path(str(cfg.ckpt_path)), f"ckpt_path={cfg.ckpt_path}", cfg)

@@ -10,8 +10,6 @@ drawn from the prior name the labels they use (`Samples`: also `samples/by_class
 
 from __future__ import annotations
 
-import itertools
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,26 +131,11 @@ class PictureCallback(Callback):
         for writer in tensorboard_writers(trainer):
             # add_image's own path (SummaryWriter.add_image encodes, then hands its file writer this summary)
             writer._get_file_writer().add_summary(summary, trainer.global_step)
-        self.write_png(trainer, tag.replace("/", "_") + (f"_{suffix}" if suffix else ""), png)
-
-    def write_png(self, trainer: Trainer, stem: str, png: bytes) -> None:
-        """<image_dir>/<stem>.png. In the run's own directory a picture drawn again (an epoch replayed by a resume)
-        replaces the earlier one; in a directory named elsewhere (one several runs share, say) nothing is replaced and
-        no link is followed: a name taken gets the first free <stem>-vN.png, as Lightning versions checkpoints."""
+        # Outside the run directory, vaelab-train gives image_dir to this run alone (rundir.take_folders_elsewhere).
         image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
         image_dir.mkdir(parents=True, exist_ok=True)
-        path = image_dir / f"{stem}.png"
-        run_dir = os.path.realpath(trainer.default_root_dir)
-        if Path(os.path.realpath(image_dir)).is_relative_to(run_dir) and not path.is_symlink():
-            path.write_bytes(png)
-            return
-        for version in itertools.count(1):
-            try:
-                with open(path, "xb") as file:  # x: a new file, never an existing one or a link
-                    file.write(png)
-                return
-            except FileExistsError:
-                path = image_dir / f"{stem}-v{version}.png"
+        stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
+        (image_dir / f"{stem}.png").write_bytes(png)
 
 
 def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:

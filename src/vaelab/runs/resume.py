@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from vaelab.errors import UserError, one_line
 from vaelab.files import atomic_write
 from vaelab.runs.renames import RETIRED, renamed
-from vaelab.runs.rundir import check_run, claim, lock, take_log_folders
+from vaelab.runs.rundir import check_run, claim, lock, take_folders_elsewhere
 
 TRAINING_STATE = {"state_dict", "optimizer_states", "loops", "epoch", "global_step"}
 
@@ -164,12 +164,13 @@ def record_resume(run_dir: Path, cfg: DictConfig, overrides: list[str]) -> Path:
 
 
 def newest_checkpoint(run_dir: Path, cfg: DictConfig) -> Path | None:
-    folder = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
-    folder = Path(folder) if folder else run_dir / "checkpoints"
-    last = folder / "last.ckpt"
-    if last.exists():
-        return last
-    others = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
+    """The run's last.ckpt, else its newest checkpoint, in the folders its two checkpoint callbacks write to."""
+    keys = ("callbacks.last_checkpoint.dirpath", "callbacks.model_checkpoint.dirpath")
+    folders = [Path(folder) for key in keys if (folder := OmegaConf.select(cfg, key))] or [run_dir / "checkpoints"]
+    for folder in folders:
+        if (folder / "last.ckpt").exists():
+            return folder / "last.ckpt"
+    others = sorted((path for folder in folders for path in folder.glob("*.ckpt")), key=lambda p: p.stat().st_mtime)
     return others[-1] if others else None
 
 
@@ -290,7 +291,7 @@ def prepare_resume(value: str, overrides: list[str]) -> Start:
     cfg = resumed(run_dir, overrides)
     check_run(cfg, "train", checkpoint=False)  # it continues from its own checkpoint, not from its ckpt_path
     check_networks(cfg)
-    take_log_folders(cfg, run_dir, new=False)  # its own logs, elsewhere: continued, and locked like the run
+    take_folders_elsewhere(cfg, run_dir, new=False)  # its own logs, elsewhere: continued, and locked like the run
     newest = newest_checkpoint(run_dir, cfg)
     if newest is None:  # killed before its first checkpoint: it starts again, in place
         return Start(cfg, run_dir, point=ResumePoint(path=None), overrides=tuple(overrides), resumed=True)

@@ -29,7 +29,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict, read_write
 
-from vaelab.errors import UserError, before_work, exit_cleanly, when_stopped
+from vaelab.errors import UserError, before_work, disk_message, exit_cleanly, when_stopped
 from vaelab.files import atomic_write
 from vaelab.runs import settings
 from vaelab.runs.hardware import check_accelerator, check_device
@@ -92,40 +92,51 @@ def lock(directory: Path) -> None:
     _locks[key] = fd
 
 
-def log_folders_elsewhere(config: DictConfig, run_dir: Path) -> list[tuple[str, Path]]:
-    """(setting, folder) of each TensorBoard or CSV logger that writes into a fixed folder (a `version` given, as
-    vaelab's presets give it) outside the run directory: <save_dir>/<name>/<version>, Lightning's log_dir."""
+def folders_elsewhere(config: DictConfig, run_dir: Path) -> list[tuple[str, str, Path]]:
+    """(setting, its value, folder) of each folder a run writes into outside its run directory: a checkpoint
+    callback's `dirpath`, a picture's `image_dir`, a TensorBoard or CSV logger's fixed log folder (a `version` given,
+    as vaelab's presets give it: <save_dir>/<name>/<version>, Lightning's log_dir)."""
     found = []
+    for name, node in (config.get("callbacks") or {}).items():
+        for key in ("dirpath", "image_dir"):
+            if isinstance(node, DictConfig) and node.get(key):
+                found.append((f"callbacks.{name}.{key}", str(node[key]), Path(str(node[key]))))
     for name, node in (config.get("logger") or {}).items():
         target = str(node.get("_target_", "")) if isinstance(node, DictConfig) else ""
         if not target.endswith(("TensorBoardLogger", "CSVLogger")) or node.get("version") is None or not node.get("save_dir"):
             continue
         version = node.version if isinstance(node.version, str) else f"version_{node.version}"
-        folder = Path(str(node.save_dir)) / str(node.get("name") or "") / version
-        if not Path(os.path.realpath(folder)).is_relative_to(os.path.realpath(run_dir)):
-            found.append((f"logger.{name}.save_dir", folder))
-    return found
+        found.append(
+            (f"logger.{name}.save_dir", str(node.save_dir), Path(str(node.save_dir)) / str(node.get("name") or "") / version)
+        )
+    inside = os.path.realpath(run_dir)
+    return [(s, v, folder) for s, v, folder in found if not Path(os.path.realpath(folder)).is_relative_to(inside)]
 
 
-def take_log_folders(config: DictConfig, run_dir: Path, new: bool) -> None:
-    """Lock each logger folder outside the run directory for the run (one in use by another command is refused, like
-    a run directory); a new run also refuses one that holds files: it would write over another run's metrics.csv,
-    hparams.yaml and projector, and mix its curves with theirs. The checks come first, so a refusal makes nothing."""
-    folders = log_folders_elsewhere(config, run_dir)
-    for setting, folder in folders:
+def take_folders_elsewhere(config: DictConfig, run_dir: Path, new: bool) -> None:
+    """Lock each folder the run writes into outside its run directory (one in use by another command is refused,
+    like a run directory); a new run also refuses one that holds files: it would write over another run's
+    last.ckpt, metrics.csv, hparams.yaml, projector or pictures, or mix its own with them. The checks come first, so
+    a refusal makes nothing."""
+    folders = folders_elsewhere(config, run_dir)
+    for setting, value, folder in folders:
         if folder.is_dir():
             lock(folder)
             held = sorted(p.name for p in folder.iterdir())
             if new and held:
-                save_dir = config.logger[setting.split(".")[1]].save_dir
                 raise UserError(
-                    f"{setting}={save_dir}: {folder} already holds another run's logs ({', '.join(held[:3])}"
-                    f"{', ...' if len(held) > 3 else ''}), which this run would write over; give it a folder of its own, "
-                    f"e.g. {setting}={Path(str(save_dir)) / run_dir.name}, or leave save_dir at its default, the run directory"
+                    f"{setting}={value}: {folder} already holds another run's files ({', '.join(held[:3])}"
+                    f"{', ...' if len(held) > 3 else ''}), which this run would write over or mix with its own; give it "
+                    f"a folder of its own, e.g. {setting}={Path(value) / run_dir.name}, or leave it at its default, in "
+                    f"the run directory"
                 )
-    for setting, folder in folders:
+    for setting, _, folder in folders:
         if not folder.is_dir():
-            claim(folder, unique=False, setting=f"{setting}=<dir>")
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:  # as a fault while the run writes there would be named
+                then = "; then start the run again" if new else f"; then continue with: vaelab-resume {shlex.quote(str(run_dir))}"
+                raise UserError(disk_message(err, f"{setting}=<dir>") + then) from None
             lock(folder)
 
 
