@@ -94,10 +94,10 @@ def test_each_moment_of_each_epoch_is_charged_once_to_its_part(tmp_path):
     assert 0 < timing.overhead(1) < 0.05  # its own cost per epoch: milliseconds (loaded machines included)
 
 
-@pytest.mark.slow  # about 20 s on 2 quiet cores (7 s of imports)
-def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
+def benchmark(script: str, *args: str) -> str:
+    """What benchmarks/<script> prints, run as the README says (one torch thread); it must succeed."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/epoch_time.py", "--quick", "--batch-sizes", "32"],
+        [sys.executable, f"benchmarks/{script}", *args],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
@@ -105,7 +105,12 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    out = done.stdout
+    return done.stdout
+
+
+@pytest.mark.slow  # about 20 s on 2 quiet cores (7 s of imports)
+def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
+    out = benchmark("epoch_time.py", "--quick", "--batch-sizes", "32")
     assert re.match(r"machine: .+, bf16 instructions: (yes|no) .+torch .+1 torch thread", out)
     for loop in ("hand-written", "same-levers", "vaelab"):
         assert re.search(rf"^\| 32 \| {loop} \| 20 \| \d+\.\d\d \(", out, re.M), loop  # 20 training steps an epoch
@@ -122,17 +127,9 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
 
 @pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports
 def test_the_lightning_floor_benchmark_times_each_loop_at_one_optimizer_step_a_batch():
-    done = subprocess.run(
-        [sys.executable, "benchmarks/lightning_floor.py", "--quick", "--chunk", "3"],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]  # it exits non-zero when a loop made other than 16 steps
-    assert done.stdout.startswith("batch 32, 16 steps, 1 repeats")
+    out = benchmark("lightning_floor.py", "--quick", "--chunk", "3")  # it fails when a loop makes other than 16 steps
+    assert out.startswith("batch 32, 16 steps, 1 repeats")
     figure = r"\d+\.\d{3} ms/step CPU \(\d+\.\d{3}-\d+\.\d{3}\)"
-    assert re.search(rf"^same-levers: {figure}$", done.stdout, re.M)
+    assert re.search(rf"^same-levers: {figure}$", out, re.M)
     for loop in ("Lightning, automatic", "Lightning, manual, 3 steps a call"):
-        assert re.search(rf"^{loop}: {figure}; over same-levers -?\d+\.\d{{3}} ms", done.stdout, re.M), loop
+        assert re.search(rf"^{loop}: {figure}; over same-levers -?\d+\.\d{{3}} ms", out, re.M), loop
