@@ -118,26 +118,23 @@ def take_folders_elsewhere(config: DictConfig, run_dir: Path, new: bool) -> None
     like a run directory); a new run also refuses one that holds files: it would write over another run's
     last.ckpt, metrics.csv, hparams.yaml, projector or pictures, or mix its own with them. The checks come first, so
     a refusal makes nothing."""
+    then = "; then start the run again" if new else f"; then continue with: vaelab-resume {shlex.quote(str(run_dir))}"
     folders = folders_elsewhere(config, run_dir)
-    for setting, value, folder in folders:
-        if folder.is_dir():
+    for setting, value, folder in sorted(folders, key=lambda entry: not entry[2].is_dir()):  # every check before a mkdir
+        try:
+            existed = folder.is_dir()
+            folder.mkdir(parents=True, exist_ok=True)
             lock(folder)
-            held = sorted(p.name for p in folder.iterdir())
-            if new and held:
-                raise UserError(
-                    f"{setting}={value}: {folder} already holds another run's files ({', '.join(held[:3])}"
-                    f"{', ...' if len(held) > 3 else ''}), which this run would write over or mix with its own; give it "
-                    f"a folder of its own, e.g. {setting}={Path(value) / run_dir.name}, or leave it at its default, in "
-                    f"the run directory"
-                )
-    for setting, _, folder in folders:
-        if not folder.is_dir():
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as err:  # as a fault while the run writes there would be named
-                then = "; then start the run again" if new else f"; then continue with: vaelab-resume {shlex.quote(str(run_dir))}"
-                raise UserError(disk_message(err, f"{setting}=<dir>") + then) from None
-            lock(folder)
+            held = sorted(p.name for p in folder.iterdir()) if existed else []
+        except OSError as err:  # named as a fault while the run writes there would be
+            raise UserError(disk_message(err, f"{setting}=<dir>") + then) from None
+        if new and held:
+            raise UserError(
+                f"{setting}={value}: {folder} already holds another run's files ({', '.join(held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}), which this run would write over or mix with its own; give it a "
+                f"folder of its own, e.g. {setting}={Path(value) / run_dir.name}, or leave it at its default, in the run "
+                f"directory"
+            )
 
 
 def mark(directory: Path, made_by: str) -> None:
