@@ -1,7 +1,7 @@
 """Lightning's own cost per training step, with nothing of vaelab's around it (issue 21, point 3).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/lightning_floor.py [--batch-size 32] [--steps 1600] [--repeats 5]
-        [--chunk 8] [--quick]
+        [--chunk 8] [--callbacks 14] [--quick]
 
 Three loops train the default model's networks (conf/model/dense.yaml) on vaelab's in-memory training images with
 the same -ELBO, fused Adam and precision (bf16 autocast where the CPU has it), taking turns (A B C A B C ...):
@@ -10,6 +10,8 @@ the same -ELBO, fused Adam and precision (bf16 autocast where the CPU has it), t
   optimisation: no callbacks, no logger, no checkpoints, no progress bar;
 - Lightning, manual, --chunk steps a call: the same module under manual optimisation, each training_step taking
   --chunk batches and making one optimizer step for each (the route issue 21 names).
+--callbacks N adds a fourth loop: the automatic one with N callbacks that do nothing (vaelab's default trainer has
+14), whose every hook Lightning still calls each step.
 It prints the CPU milliseconds per optimizer step of each (median and range of the repeats) and each Lightning
 loop's cost over the plain loop: the floor under vaelab's framework cost per step, before any of vaelab's work.
 """
@@ -90,7 +92,7 @@ class EpochCPU(pl.Callback):
         self.seconds = time.process_time() - self.started
 
 
-def lightning_ms(same: SameLevers, precision: str, args, chunk: int) -> float:
+def lightning_ms(same: SameLevers, precision: str, args, chunk: int, idle_callbacks: int = 0) -> float:
     timer = EpochCPU()
     trainer = pl.Trainer(
         max_epochs=1,
@@ -98,7 +100,7 @@ def lightning_ms(same: SameLevers, precision: str, args, chunk: int) -> float:
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[timer],
+        callbacks=[timer, *(pl.Callback() for _ in range(idle_callbacks))],
         precision=precision,
         accelerator="cpu",
         devices=1,
@@ -122,6 +124,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1600)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk", type=int, default=8)
+    parser.add_argument("--callbacks", type=int, default=0, help="also the automatic loop with this many idle callbacks")
     parser.add_argument("--quick", action="store_true", help="a few steps, one repeat: for the tests")
     args = parser.parse_args()
     if args.quick:
@@ -137,6 +140,10 @@ def main() -> None:
                 same, str(cfg.trainer.precision), args, args.chunk
             ),
         }
+        if args.callbacks:
+            loops[f"Lightning, automatic, {args.callbacks} idle callbacks"] = lambda: lightning_ms(
+                same, str(cfg.trainer.precision), args, 0, args.callbacks
+            )
         times: dict[str, list[float]] = {name: [] for name in loops}
         with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             for _ in range(args.repeats + 1):  # the first round warms up and is dropped
