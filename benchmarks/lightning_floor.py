@@ -29,36 +29,28 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_time import SameLevers, compose_train  # noqa: E402  the plain loop and the config, as epoch_time builds them
 
 
-def elbo_loss(encoder, decoder, x: torch.Tensor) -> torch.Tensor:
-    """SameLevers.losses' -ELBO: the Bernoulli reconstruction and the closed-form KL, batch means, in fp32."""
-    mu, logvar = encoder(x)
-    z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)
-    logits, mu, logvar = decoder(z).float(), mu.float(), logvar.float()
-    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(1).mean()
-    return recon + 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1).mean()
-
-
 class Bare(pl.LightningModule):
-    """The networks and the loss alone; chunk 0: automatic optimisation, else manual, one step per batch of a chunk."""
+    """The plain loop's networks and its loss (SameLevers.losses) alone; chunk 0: automatic optimisation, else manual,
+    one step per batch of a chunk."""
 
-    def __init__(self, encoder, decoder, chunk: int):
+    def __init__(self, same: SameLevers, chunk: int):
         super().__init__()
-        self.encoder, self.decoder, self.chunk = encoder, decoder, chunk
+        self.encoder, self.decoder, self.chunk = same.encoder, same.decoder, chunk  # registered: the optimizer's
+        self.elbo = lambda x: same.losses(x, x)[0]
         self.automatic_optimization = chunk == 0
 
     def training_step(self, batch, batch_idx):
         if self.chunk == 0:
-            return elbo_loss(self.encoder, self.decoder, batch)
+            return self.elbo(batch)
         optimizer = self.optimizers()
         for x in batch:
             optimizer.zero_grad()
-            self.manual_backward(elbo_loss(self.encoder, self.decoder, x))
+            self.manual_backward(self.elbo(x))
             optimizer.step()
         return None
 
@@ -106,7 +98,7 @@ def lightning_ms(same: SameLevers, precision: str, args, chunk: int, idle_callba
         devices=1,
     )
     batches = Batches(same.images, args.batch_size, args.steps, chunk)
-    trainer.fit(Bare(same.encoder, same.decoder, chunk), train_dataloaders=batches)
+    trainer.fit(Bare(same, chunk), train_dataloaders=batches)
     if trainer.global_step != args.steps:  # Lightning counts optimizer steps: one per batch in both modes
         raise SystemExit(f"chunk {chunk}: {trainer.global_step} optimizer steps, not {args.steps}")
     return timer.seconds / args.steps * 1e3

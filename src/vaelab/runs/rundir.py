@@ -98,7 +98,7 @@ def folders_elsewhere(config: DictConfig, run_dir: Path) -> list[tuple[str, str,
     as vaelab's presets give it: <save_dir>/<name>/<version>, Lightning's log_dir)."""
     found = []
     for name, node in (config.get("callbacks") or {}).items():
-        for key in ("dirpath", "image_dir"):
+        for key in settings.PATH_KEYS:  # the folders a callback writes to (dirpath, image_dir)
             if isinstance(node, DictConfig) and node.get(key):
                 found.append((f"callbacks.{name}.{key}", str(node[key]), Path(str(node[key]))))
     for name, node in (config.get("logger") or {}).items():
