@@ -236,10 +236,10 @@ class SameLevers(BareLoop):
         for index in batches:
             x = self.images[index]
             self.lap(f"{STEPS}/{BETWEEN}")
+            self.optimizer.zero_grad()
             with self.autocast():
                 loss = self.losses(x, x)[0]
             self.lap(f"{STEPS}/{FORWARD}")
-            self.optimizer.zero_grad()
             loss.backward()
             self.lap(f"{STEPS}/{BACKWARD}")
             self.optimizer.step()

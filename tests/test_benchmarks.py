@@ -87,7 +87,7 @@ def test_each_moment_of_each_epoch_is_charged_once_to_its_part(tmp_path):
     for epoch, cpu in zip(timing.epochs, timing.cpu):
         assert epoch["steps/forward and loss"] >= 3 * Tiny.STEP  # the sleeps inside the steps
         assert Pictures.EPOCH_END <= epoch["epoch end/callback: Pictures"] < Pictures.EPOCH_END + Pictures.PAUSE / 2  # no pause
-        assert epoch["epoch end/validation"] > 0 and epoch["steps/zero_grad and backward"] > 0
+        assert epoch["epoch end/validation"] > 0 and epoch["steps/backward"] > 0
         assert epoch["steps/logging (TensorBoard writes): add_scalar"] > 0  # the loss logged every step
         assert set(cpu) == {"steps", "epoch end"} and sum(cpu.values()) < sum(epoch.values())  # sleeping costs no CPU
         assert {key.split("/")[0] for key in epoch} == {"steps", "epoch end"}
@@ -117,7 +117,7 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
     for figure in ("vaelab / hand-written", "vaelab / same-levers", "framework cost per step, training steps only"):
         assert re.search(rf"^\| 32 \| {re.escape(figure)} \| -?\d+\.\d+(x| ms) \(.+\| <= ", out, re.M), figure
     table = dict(re.findall(r"^\| (?:\*\*)?((?:steps|epoch end)/[^|*]+?)(?:\*\*)? \| (\d+\.\d+) \|", out, re.M))
-    parts = ["steps/forward and loss", "steps/zero_grad and backward", "steps/optimizer step", "steps/batch fetch, Lightning"]
+    parts = ["steps/forward and loss", "steps/backward", "steps/optimizer step", "steps/batch fetch, Lightning"]
     parts += ["epoch end/validation", "epoch end/checkpoint writes", "epoch end/logging (TensorBoard writes): all"]
     for part in parts + [f"epoch end/pictures: {name}" for name in PICTURES]:
         assert float(table.get(part, 0)) > 0, part  # vaelab's seconds per epoch in it

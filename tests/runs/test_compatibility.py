@@ -74,4 +74,5 @@ def test_an_old_run_resumes_in_place(tmp_path):
     assert after["val/loss"] < before["val/loss"]  # a third epoch trained on from the old weights
     new = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
     assert new["epoch"] == 2 and all(key.startswith("vae.") for key in new["state_dict"])
+    assert new["global_step"] == 15  # written under automatic optimisation, its 10 steps counted on under manual
     assert new["hyper_parameters"]["encoder"]["_target_"] == "vaelab.model.networks.DenseEncoder"

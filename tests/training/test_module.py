@@ -164,7 +164,8 @@ def test_a_training_step_asks_the_vae_for_the_objective_of_the_modules_settings(
     torch.manual_seed(0)
     module = dense_vae(**settings)
     quiet = dict(enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    module.trainer = pl.Trainer(logger=False, log_every_n_steps=50, default_root_dir=tmp_path, **quiet)
+    # clipping at a norm never reached: Lightning's automatic optimisation, so training_step only computes the loss
+    module.trainer = pl.Trainer(logger=False, log_every_n_steps=50, gradient_clip_val=1e9, default_root_dir=tmp_path, **quiet)
     x = torch.bernoulli(torch.rand(8, 1, 4, 4))
     torch.manual_seed(1)
     step = module.training_step((x, torch.zeros(8, dtype=torch.long)), 0)
@@ -174,3 +175,44 @@ def test_a_training_step_asks_the_vae_for_the_objective_of_the_modules_settings(
     plain = module.vae.training_loss(x, x)  # the setting matters: without it the loss is another number
     assert step.item() == pytest.approx(direct.item(), rel=1e-6)
     assert step.item() != pytest.approx(plain.item(), rel=1e-3)
+
+
+# --- manual optimisation: the same steps as Lightning's automatic one ------------------------------------------
+
+
+def fit_twelve_steps(tmp_path, **trainer_settings):
+    torch.manual_seed(0)
+    module = dense_vae(kl_warmup_epochs=1)
+    x = torch.bernoulli(torch.rand(48, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
+    data = TensorBatches(x, torch.zeros(48), batch_size=8, shuffle=True)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_epochs=2, log_every_n_steps=4, default_root_dir=tmp_path, **quiet, **trainer_settings)
+    trainer.fit(module, train_dataloaders=data)
+    return module, trainer
+
+
+def test_manual_optimisation_makes_the_steps_of_lightnings_automatic_one(tmp_path):
+    manual, trainer = fit_twelve_steps(tmp_path)
+    automatic, clipping = fit_twelve_steps(tmp_path, gradient_clip_val=1e9)  # clipping never reached: automatic
+    assert not manual.automatic_optimization and automatic.automatic_optimization
+    assert trainer.global_step == clipping.global_step == 12
+    for mine, lightnings in zip(manual.parameters(), automatic.parameters(), strict=True):
+        torch.testing.assert_close(mine, lightnings, rtol=0, atol=0)
+    assert trainer.callback_metrics["train/loss"].item() == clipping.callback_metrics["train/loss"].item()
+    torch.manual_seed(0)
+    assert not torch.equal(manual.vae.encoder.heads.weight, dense_vae().vae.encoder.heads.weight)  # it trained
+
+
+@pytest.mark.parametrize("written_under", ["automatic", "manual"])
+def test_a_checkpoint_keeps_its_step_count_under_either_optimisation(written_under):
+    done = {"total": {"ready": 10, "completed": 10}, "current": {"ready": 5, "completed": 5}}
+    none = {"total": {"ready": 0, "completed": 0}, "current": {"ready": 0, "completed": 0}}
+    automatic, manual = (done, none) if written_under == "automatic" else (none, done)
+    loop = {
+        "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": automatic, "zero_grad": {}}},
+        "epoch_loop.manual_optimization.optim_step_progress": manual,
+    }
+    checkpoint = {"state_dict": {}, "loops": {"fit_loop": loop}}
+    dense_vae().on_load_checkpoint(checkpoint)
+    assert loop["epoch_loop.manual_optimization.optim_step_progress"] == done
+    assert loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] == done

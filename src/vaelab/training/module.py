@@ -13,6 +13,7 @@ its hyper_parameters, so vaelab-eval and vaelab-generate rebuild the plain VAE f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -77,12 +78,29 @@ class VAEModule(pl.LightningModule):
             {f"{stage}_{key}": MeanMetric(nan_strategy="disable") for stage in ("val", "test") for key in EVAL_KEYS}
         )
 
+    @property
+    def automatic_optimization(self) -> bool:
+        """Manual optimisation (training_step makes the optimizer step itself) skips Lightning's closure machinery,
+        about 0.25 ms a step (benchmarks/lightning_floor.py); Lightning clips and accumulates gradients only under its
+        automatic optimisation, so a run that asks for either gets that. The same steps and weights either way."""
+        trainer = self._trainer
+        return trainer is not None and (bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1)
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """A checkpoint of a vaelab before the redesign holds the VAE's weights at the top level: under `vae.` here."""
+        """A checkpoint of a vaelab before the redesign holds the VAE's weights at the top level: under `vae.` here.
+        Lightning counts optimizer steps (global_step) per optimisation mode: a checkpoint written under the other
+        mode (an earlier vaelab's, or a run with clipping) gets its count in both, so resuming continues at its step."""
         checkpoint["state_dict"] = {
             key if key.startswith(("vae.", "eval_means.")) else f"vae.{key}": value
             for key, value in checkpoint["state_dict"].items()
         }
+        loop = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+        automatic = (loop.get("epoch_loop.automatic_optimization.optim_progress") or {}).get("optimizer") or {}
+        manual = loop.get("epoch_loop.manual_optimization.optim_step_progress")
+        if isinstance(automatic.get("step"), dict) and isinstance(manual, dict):
+            steps = [automatic["step"], manual]
+            counted = max(steps, key=lambda progress: (progress.get("total") or {}).get("completed") or 0)
+            automatic["step"] = loop["epoch_loop.manual_optimization.optim_step_progress"] = copy.deepcopy(counted)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None):
         return self.vae(x, y)
@@ -98,17 +116,22 @@ class VAEModule(pl.LightningModule):
     # --- training ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x, y = batch
-        hp, vae = self.hparams, self.vae
+        hp, vae, step = self.hparams, self.vae, self.global_step  # the step this batch makes (counted once it is made)
         target = vae.target(x)
         x_in = add_noise(target, hp.noise_factor) if hp.denoise else target
         loss = vae.training_loss(
             x_in, target, vae.labels_of(y), kl_weight=self.kl_weight(), free_bits=hp.free_bits, num_samples=hp.num_samples
         )
+        if not self.automatic_optimization:
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
         # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
         detached = loss.detach().float()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        if (step + 1) % self.trainer.log_every_n_steps == 0:
             self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
             if hp.kl_warmup_epochs:
                 self.log("train/beta", self.kl_weight())

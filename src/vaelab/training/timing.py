@@ -7,8 +7,8 @@
 
 Every moment from the first epoch's start to the end of training is charged to exactly one part of one epoch: to the
 innermost timed call running (another callback's hook, a logger's method, a TensorBoard writer's add_* or flush), else
-to the phase of the epoch the trainer is in. Groups: `steps` (the training batches: forward and loss, zero_grad and
-backward, the optimizer step, and fetching the next batch with Lightning's work between steps) and `epoch end`
+to the phase of the epoch the trainer is in. Groups: `steps` (the training batches: forward and loss (zero_grad
+included), backward, the optimizer step, and fetching the next batch with Lightning's work between steps) and `epoch end`
 (validation, and Lightning's work after it); a timed call is charged to the group it runs in, so a callback's per-step
 hooks and its epoch-end hooks show apart. An epoch runs from this callback's on_train_epoch_start to the next one (or to
 on_train_end). Time inside `paused()` is charged to nobody (a benchmark runs other loops there).
@@ -31,7 +31,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from vaelab.pictures.base import PictureCallback
 
 STEPS, EPOCH_END = "steps", "epoch end"
-FORWARD, BACKWARD, OPTIMIZER, BETWEEN = "forward and loss", "zero_grad and backward", "optimizer step", "batch fetch, Lightning"
+FORWARD, BACKWARD, OPTIMIZER, BETWEEN = "forward and loss", "backward", "optimizer step", "batch fetch, Lightning"
 VALIDATION, AFTER_VALIDATION = "validation", "Lightning after validation"
 HOOKS = tuple(name for name in vars(pl.Callback) if name.startswith("on_")) + ("setup", "teardown", "state_dict")
 LOGGER_METHODS = ("log_metrics", "log_hyperparams", "log_graph", "save", "finalize", "after_save_checkpoint")
@@ -182,7 +182,7 @@ class EpochTiming(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._enter_phase(STEPS, FORWARD)
 
-    def on_before_zero_grad(self, trainer, pl_module, optimizer) -> None:
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
         self._enter_phase(STEPS, BACKWARD)
 
     def on_after_backward(self, trainer, pl_module) -> None:
