@@ -212,6 +212,28 @@ def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(late
     assert np.abs(mu - np.roll(means, 1, axis=0)).mean() > 10 * np.abs(mu - means).mean()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_projector_files_are_tensorboards_own(tmp_path, channels):
+    from torch.utils.tensorboard import SummaryWriter
+
+    from vaelab.pictures.latent_maps import add_projector
+
+    generator = torch.Generator().manual_seed(0)
+    points, images = torch.randn(23, 5, generator=generator), torch.rand(23, channels, 6, 6, generator=generator)
+    images[0, :, 0, 0] = 1.0  # the edges of the 8-bit range
+    images[1, :, 0, 0] = 0.0
+    metadata = [f"class {k % 4}" for k in range(23)]
+    theirs, mine = SummaryWriter(tmp_path / "theirs"), SummaryWriter(tmp_path / "mine")
+    theirs.add_embedding(points, metadata=metadata, label_img=images, global_step=7, tag="latent_map")
+    add_projector(mine, points, metadata, images, 7, "latent_map")
+    for name in ("projector_config.pbtxt", "00007/latent_map/metadata.tsv"):
+        assert (tmp_path / "mine" / name).read_text() == (tmp_path / "theirs" / name).read_text(), name
+    tensors = [np.loadtxt(tmp_path / run / "00007/latent_map/tensors.tsv", delimiter="\t") for run in ("mine", "theirs")]
+    assert np.array_equal(tensors[0].astype(np.float32), tensors[1].astype(np.float32))  # float32 exactly
+    sprites = [np.asarray(Image.open(tmp_path / run / "00007/latent_map/sprite.png")) for run in ("mine", "theirs")]
+    assert sprites[0].shape == (30, 30, 3) and np.array_equal(*sprites)  # 5 a side, pixel for pixel
+
+
 def test_bad_picture_settings_fail_naming_the_setting(compose):
     from vaelab.errors import UserError
     from vaelab.runs.settings import check

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,6 +36,35 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
         return images
     scale = cell / max(h, w)
     return F.interpolate(images, size=(max(1, int(h * scale)), max(1, int(w * scale))), mode="area")
+
+
+def add_projector(writer, points: torch.Tensor, metadata: list[str], images: torch.Tensor, step: int, tag: str) -> None:
+    """What `writer.add_embedding(points, metadata, label_img=images, global_step=step, tag=tag)` writes, the same
+    files for the PROJECTOR, in a fraction of its time (1.35 s for vaelab's 2,000 x 256 means, most of a run's end):
+    TensorBoard formats tensors.tsv one number at a time in Python and builds its sprite in float64, PNG-encoded at
+    zlib level 6; here numpy formats each row (float32 exactly: 9 digits), the sprite is built in one reshape and
+    encoded at level 1 (vaelab.pictures.png). Its pixels truncated to 1/255 as TensorBoard's are; images of any
+    aspect laid out `ceil(sqrt(N))` a row, as the PROJECTOR reads them. tests/pictures compares it with add_embedding."""
+    from google.protobuf import text_format
+    from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+    from torch.utils.tensorboard._embedding import get_embedding_info, make_tsv, write_pbtxt
+
+    from vaelab.pictures.png import encode_png
+
+    subdir = f"{step:05d}/{tag}"
+    folder = Path(writer.get_logdir()) / subdir
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savetxt(folder / "tensors.tsv", points.float().cpu().numpy(), fmt="%.9g", delimiter="\t")
+    make_tsv(metadata, str(folder))
+    count, channels, height, width = images.shape
+    side = math.ceil(math.sqrt(count))
+    cells = torch.zeros(side * side, 3, height, width, dtype=torch.float64)
+    cells[:count] = images.detach().cpu().double().expand(-1, 3, -1, -1)  # grey as RGB, as TensorBoard's
+    sprite = cells.view(side, side, 3, height, width).permute(0, 3, 1, 4, 2).reshape(side * height, side * width, 3)
+    (folder / "sprite.png").write_bytes(encode_png(sprite.mul(255).clamp_(0, 255).to(torch.uint8)))
+    config = ProjectorConfig()
+    config.embeddings.extend([get_embedding_info(metadata, images, subdir, step, tag)])
+    write_pbtxt(writer.get_logdir(), text_format.MessageToString(config))
 
 
 class LatentMap(PictureCallback):
@@ -118,9 +148,7 @@ class LatentMap(PictureCallback):
             mu = vae.encode(self.images, self.labels)[0].float().cpu()
         metadata = [projector_label(name) for name in self.label_names(self.labels.cpu().tolist())]  # one row per point
         for writer in tensorboard_writers(trainer):
-            writer.add_embedding(
-                mu, metadata=metadata, label_img=thumbnails(self.images), global_step=trainer.global_step, tag="latent_map"
-            )
+            add_projector(writer, mu, metadata, thumbnails(self.images), trainer.global_step, "latent_map")
 
 
 class Traversals(PictureCallback):
