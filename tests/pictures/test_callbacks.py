@@ -212,6 +212,32 @@ def test_projector_holds_validation_latent_means_with_labels_and_thumbnails(late
     assert np.abs(mu - np.roll(means, 1, axis=0)).mean() > 10 * np.abs(mu - means).mean()
 
 
+def test_pictures_are_written_off_the_training_thread_and_a_fault_there_stops_the_run(tmp_path, monkeypatch):
+    import threading
+
+    import pytorch_lightning as pl
+
+    from vaelab.pictures import base
+    from vaelab.pictures.grids import Samples
+
+    writers, write = [], base.write_picture
+    monkeypatch.setattr(base, "write_picture", lambda *args: (writers.append(threading.current_thread().name), write(*args)))
+    datamodule = LightningData(MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, batch_size=64, val_size=300))
+    module, images = dense_vae(4, (1, 28, 28)), tmp_path / "images"
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    validate = lambda: pl.Trainer(  # noqa: E731
+        limit_val_batches=1, callbacks=[Samples(num_samples=4, ncols=2, image_dir=str(images))], default_root_dir=tmp_path, **quiet
+    ).validate(module, datamodule=datamodule)
+    validate()
+    assert writers == ["vaelab-pictures_0"] and (images / "samples_epoch000.png").stat().st_size > 0  # written by the end
+    # a directory where the picture's file goes: the write fails on the writer thread, and the run stops on it
+    (images / "samples_epoch000.png").unlink()
+    (images / "samples_epoch000.png").mkdir()
+    with pytest.raises(IsADirectoryError) as fault:
+        validate()
+    assert fault.value.filename == str(images / "samples_epoch000.png") and len(writers) == 2
+
+
 @pytest.mark.parametrize("channels", [1, 3])
 def test_the_projector_files_are_tensorboards_own(tmp_path, channels):
     from torch.utils.tensorboard import SummaryWriter

@@ -10,7 +10,8 @@ drawn from the prior name the labels they use (`Samples`: also `samples/by_class
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,7 @@ class PictureCallback(Callback):
 
     def __init__(self, every_n_epochs: int = 1, seed: int = 0, image_dir: str | None = None):
         self.every_n_epochs, self.seed = every_n_epochs, seed
+        self._writing: list[Future] = []  # this callback's pictures on the writer thread, not yet known written
         self.image_dir = Path(image_dir) if image_dir else None  # None: <trainer.default_root_dir>/images
 
     def pick(
@@ -116,26 +118,59 @@ class PictureCallback(Callback):
             self.log_image(trainer, tag, image, suffix)
 
     def log_image(self, trainer: Trainer, tag: str, image: torch.Tensor, suffix: str | None) -> None:
-        """One PNG encoding for both copies: TensorBoard and the file hold the same bytes, so the same pixels."""
-        pixels = png_pixels(image)
-        png = encode_png(pixels)
-        height, width, channels = pixels.shape
-        summary = Summary(
-            value=[
-                Summary.Value(
-                    tag=TENSORBOARD_PREFIX + tag,
-                    image=Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png),
-                )
-            ]
-        )
-        for writer in tensorboard_writers(trainer):
-            # add_image's own path (SummaryWriter.add_image encodes, then hands its file writer this summary)
-            writer._get_file_writer().add_summary(summary, trainer.global_step)
+        """The pixels here; their PNG encoding (one for both copies: TensorBoard and the file hold the same bytes) and
+        both writes on the pictures' writer thread, off the training's path. Waited for before the loggers close."""
+        self.raise_background_fault()
+        pixels = png_pixels(image)  # here: the picture may be on the GPU, and training goes on changing the model
+        # add_image's own path (SummaryWriter.add_image encodes, then hands its file writer the summary)
+        file_writers = [writer._get_file_writer() for writer in tensorboard_writers(trainer)]
         # Outside the run directory, vaelab-train gives image_dir to this run alone (rundir.take_folders_elsewhere).
         image_dir = self.image_dir or Path(trainer.default_root_dir) / "images"
         image_dir.mkdir(parents=True, exist_ok=True)
-        stem = tag.replace("/", "_") + (f"_{suffix}" if suffix else "")
-        (image_dir / f"{stem}.png").write_bytes(png)
+        path = image_dir / f"{tag.replace('/', '_')}{f'_{suffix}' if suffix else ''}.png"
+        self._writing.append(
+            writer_thread().submit(write_picture, pixels, TENSORBOARD_PREFIX + tag, file_writers, trainer.global_step, path)
+        )
+
+    def raise_background_fault(self) -> None:
+        """A write that failed on the writer thread (a full disk) raised here, on the training's thread."""
+        for done in [job for job in self._writing if job.done()]:
+            self._writing.remove(done)
+            done.result()
+
+    def wait_for_writes(self) -> None:
+        writing, self._writing = self._writing, []
+        for job in writing:
+            job.result()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.wait_for_writes()  # Lightning closes the loggers after the callbacks' teardown
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        with suppress(Exception):  # the exception that stopped the run is the one to report
+            self.wait_for_writes()
+
+
+_writer_thread: ThreadPoolExecutor | None = None
+
+
+def writer_thread() -> ThreadPoolExecutor:
+    """One thread for every picture's PNG encoding and writes, in order (zlib and file writes release the GIL: they
+    run beside training on another core; 27 ms an epoch of the default run's six pictures)."""
+    global _writer_thread
+    if _writer_thread is None:
+        _writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
+    return _writer_thread
+
+
+def write_picture(pixels: torch.Tensor, tag: str, file_writers: list, step: int, path: Path) -> None:
+    png = encode_png(pixels)
+    height, width, channels = pixels.shape
+    image = Summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=png)
+    summary = Summary(value=[Summary.Value(tag=tag, image=image)])
+    for file_writer in file_writers:
+        file_writer.add_summary(summary, step)
+    path.write_bytes(png)
 
 
 def grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
