@@ -225,9 +225,12 @@ def test_pictures_are_written_off_the_training_thread_and_a_fault_there_stops_th
     datamodule = LightningData(MNISTLike(data_dir=str(DATA_DIR), system_dir=SYSTEM_DIR, batch_size=64, val_size=300))
     module, images = dense_vae(4, (1, 28, 28)), tmp_path / "images"
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    validate = lambda: pl.Trainer(  # noqa: E731
-        limit_val_batches=1, callbacks=[Samples(num_samples=4, ncols=2, image_dir=str(images))], default_root_dir=tmp_path, **quiet
-    ).validate(module, datamodule=datamodule)
+
+    def validate():
+        samples = Samples(num_samples=4, ncols=2, image_dir=str(images))
+        trainer = pl.Trainer(limit_val_batches=1, callbacks=[samples], default_root_dir=tmp_path, **quiet)
+        trainer.validate(module, datamodule=datamodule)
+
     validate()
     assert writers == ["vaelab-pictures_0"] and (images / "samples_epoch000.png").stat().st_size > 0  # written by the end
     # a directory where the picture's file goes: the write fails on the writer thread, and the run stops on it
