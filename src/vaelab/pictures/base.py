@@ -2,7 +2,8 @@
 (`PictureCallback`): fixed inputs are picked once with a seeded generator, so every epoch shows the same
 images; every `every_n_epochs` validation epochs a grid (vaelab.pictures.png) is drawn in eval mode without
 gradients, on rank 0 only, logged through each TensorBoard logger's SummaryWriter as `visuals/<tag>` and saved with
-the same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names).
+the same pixels as `<image_dir>/<tag with / as _>_epochNNN.png` (epochs count from 0, as in checkpoint names); the
+PNG encoding and both writes run on one writer thread, done before the epoch's checkpoint is written.
 
 A conditional VAE (model.conditional=true) draws every picture of images with each image's own label; pictures
 drawn from the prior name the labels they use (`Samples`: also `samples/by_class`, one row per class).
@@ -119,7 +120,8 @@ class PictureCallback(Callback):
 
     def log_image(self, trainer: Trainer, tag: str, image: torch.Tensor, suffix: str | None) -> None:
         """The pixels here; their PNG encoding (one for both copies: TensorBoard and the file hold the same bytes) and
-        both writes on the pictures' writer thread, off the training's path. Waited for before the loggers close."""
+        both writes on the pictures' writer thread, beside the epoch end's other work (the next pictures, the epoch's
+        figures); waited for before the epoch's checkpoint and before the loggers close."""
         self.raise_background_fault()
         pixels = png_pixels(image)  # here: the picture may be on the GPU, and training goes on changing the model
         # add_image's own path (SummaryWriter.add_image encodes, then hands its file writer the summary)
@@ -143,6 +145,11 @@ class PictureCallback(Callback):
         for job in writing:
             job.result()
 
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Before the epoch's checkpoint (Lightning runs the checkpoint callbacks' hooks last): a run resumed from that
+        # checkpoint continues after this epoch, so its pictures must be in the event file and on disk by then.
+        self.wait_for_writes()
+
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.wait_for_writes()  # Lightning closes the loggers after the callbacks' teardown
 
@@ -156,7 +163,7 @@ _writer_thread: ThreadPoolExecutor | None = None
 
 def writer_thread() -> ThreadPoolExecutor:
     """One thread for every picture's PNG encoding and writes, in order (zlib and file writes release the GIL: they
-    run beside training on another core; 27 ms an epoch of the default run's six pictures)."""
+    run on another core beside the drawing of the next pictures; 27 ms an epoch for the default run's six)."""
     global _writer_thread
     if _writer_thread is None:
         _writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
