@@ -216,3 +216,40 @@ def test_a_checkpoint_keeps_its_step_count_under_either_optimisation(written_und
     dense_vae().on_load_checkpoint(checkpoint)
     assert loop["epoch_loop.manual_optimization.optim_step_progress"] == done
     assert loop["epoch_loop.automatic_optimization.optim_progress"]["optimizer"]["step"] == done
+
+
+class GradientNorms(pl.Callback):
+    """The gradients' total norm each optimizer step used (after Lightning's clipping; read once the step is made,
+    since under automatic optimisation the step computes them itself)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, args, kwargs):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+
+        trainer.optimizers[0].register_step_post_hook(record)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_gradient_clipping_trains_with_the_fused_optimizer_of_the_configs(tmp_path, precision):
+    """conf/model/*.yaml ask for a fused Adam, which Lightning refuses to clip under mixed precision: a run that clips
+    gets the per-tensor Adam (the same update) and its steps see clipped gradients."""
+    x = torch.bernoulli(torch.rand(16, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    for clip in (None, 0.01):
+        torch.manual_seed(0)
+        module, norms = dense_vae(), GradientNorms()
+        module.hparams.optimizer = {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-2, "fused": True}
+        trainer = pl.Trainer(
+            max_steps=3, precision=precision, gradient_clip_val=clip, callbacks=[norms], default_root_dir=tmp_path, **quiet
+        )
+        trainer.fit(module, train_dataloaders=TensorBatches(x, torch.zeros(16), batch_size=8, shuffle=False))
+        assert trainer.global_step == 3 and module.automatic_optimization == (clip is not None)
+        assert trainer.optimizers[0].defaults["fused"] == (clip is None) and len(norms.norms) == 3
+        if clip is None:
+            assert min(norms.norms) > 1.0  # what clipping at 0.01 has to bring down
+        else:
+            assert max(norms.norms) <= clip * 1.001

@@ -14,6 +14,7 @@ its hyper_parameters, so vaelab-eval and vaelab-generate rebuild the plain VAE f
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -80,9 +81,9 @@ class VAEModule(pl.LightningModule):
 
     @property
     def automatic_optimization(self) -> bool:
-        """Manual optimisation (training_step makes the optimizer step itself) skips Lightning's closure machinery,
-        about 0.25 ms a step (benchmarks/lightning_floor.py); Lightning clips and accumulates gradients only under its
-        automatic optimisation, so a run that asks for either gets that. The same steps and weights either way."""
+        """Manual optimisation (training_step makes the optimizer step itself) skips Lightning's closure machinery:
+        0.06-0.26 ms a step (benchmarks/lightning_floor.py --chunk 1). Lightning clips and accumulates gradients only
+        under its automatic optimisation, so a run that asks for either gets that. The same steps and weights either way."""
         trainer = self._trainer
         return trainer is not None and (bool(trainer.gradient_clip_val) or trainer.accumulate_grad_batches != 1)
 
@@ -185,4 +186,9 @@ class VAEModule(pl.LightningModule):
         self._log_bits_per_dim("test")
 
     def configure_optimizers(self):
-        return instantiate(self.hparams.optimizer)(params=self.parameters())  # a partial: the config holds its settings
+        make = instantiate(self.hparams.optimizer)  # a partial: the config holds its settings
+        if self.trainer.gradient_clip_val and make.keywords.get("fused"):
+            # Under mixed precision Lightning clips only gradients it unscaled itself, and refuses an optimizer that
+            # unscales inside its step (a fused one): the per-tensor kernel makes the same update.
+            make = functools.partial(make.func, *make.args, **{**make.keywords, "fused": False})
+        return make(params=self.parameters())
