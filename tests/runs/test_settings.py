@@ -38,6 +38,9 @@ BAD = [
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is not allowed"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5 is not allowed"),
     ("trainer.accelerator=tpu", "trainer.accelerator='tpu' is not allowed: trainer.accelerator must be one of cpu, gpu"),
+    ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not allowed: trainer.accumulate_grad_batches"),
+    ("+trainer.accumulate_grad_batches=1.5", "trainer.accumulate_grad_batches=1.5 is not allowed"),
+    ("+trainer.gradient_clip_algorithm=bogus", "trainer.gradient_clip_algorithm='bogus' is not allowed: trainer.gradient_clip"),
     (
         "callbacks.samples.num_samples=0",
         "callbacks.samples.num_samples=0 is not allowed: callbacks.samples.num_samples must be a positive integer",

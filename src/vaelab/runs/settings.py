@@ -166,6 +166,8 @@ TRAIN = {
     "trainer.num_sanity_val_steps": whole(-1)("2"),
     "trainer.max_steps": whole(-1, note="-1: no limit")("-1"),
     "trainer.gradient_clip_val": number(0, optional=True)("1.0"),
+    "trainer.gradient_clip_algorithm": one_of("norm", "value"),
+    "trainer.accumulate_grad_batches": POSITIVE("2"),
     **{f"trainer.limit_{split}_batches": LIMIT for split in ("train", "val", "test")},
     "trainer.accelerator": one_of("cpu", "gpu", "cuda", "mps", "auto"),
     **DATA,
