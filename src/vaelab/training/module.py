@@ -187,7 +187,8 @@ class VAEModule(pl.LightningModule):
 
     def configure_optimizers(self):
         make = instantiate(self.hparams.optimizer)  # a partial: the config holds its settings
-        if self.trainer.gradient_clip_val and make.keywords.get("fused"):
+        clips = self._trainer is not None and bool(self._trainer.gradient_clip_val)  # also called without one (checks)
+        if clips and make.keywords.get("fused"):
             # Under mixed precision Lightning clips only gradients it unscaled itself, and refuses an optimizer that
             # unscales inside its step (a fused one): the per-tensor kernel makes the same update.
             make = functools.partial(make.func, *make.args, **{**make.keywords, "fused": False})
