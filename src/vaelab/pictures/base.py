@@ -11,6 +11,7 @@ drawn from the prior name the labels they use (`Samples`: also `samples/by_class
 
 from __future__ import annotations
 
+import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -158,16 +159,11 @@ class PictureCallback(Callback):
             self.wait_for_writes()
 
 
-_writer_thread: ThreadPoolExecutor | None = None
-
-
+@functools.cache  # one per process, made on first use
 def writer_thread() -> ThreadPoolExecutor:
     """One thread for every picture's PNG encoding and writes, in order (zlib and file writes release the GIL: they
     run on another core beside the drawing of the next pictures; 27 ms an epoch for the default run's six)."""
-    global _writer_thread
-    if _writer_thread is None:
-        _writer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
-    return _writer_thread
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="vaelab-pictures")
 
 
 def write_picture(pixels: torch.Tensor, tag: str, file_writers: list, step: int, path: Path) -> None:
