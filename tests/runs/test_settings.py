@@ -40,6 +40,7 @@ BAD = [
     ("trainer.accelerator=tpu", "trainer.accelerator='tpu' is not allowed: trainer.accelerator must be one of cpu, gpu"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not allowed: trainer.accumulate_grad_batches"),
     ("+trainer.accumulate_grad_batches=1.5", "trainer.accumulate_grad_batches=1.5 is not allowed"),
+    ("steps_per_call=0", "steps_per_call=0 is not allowed: steps_per_call"),
     ("+trainer.gradient_clip_algorithm=bogus", "trainer.gradient_clip_algorithm='bogus' is not allowed: trainer.gradient_clip"),
     (
         "callbacks.samples.num_samples=0",
@@ -217,7 +218,7 @@ def test_the_structured_configs_type_exactly_the_declared_keys():
     train = {f.name: f.type for f in fields(settings.Train)}
     assert set(train) == {
         *("paths", "latent_dim", "epochs", "noise_factor", "denoise", "batch_size", "lr", "beta", "seed", "overwrite"),
-        *("threads", "ckpt_path", "test_after_fit", "data", "model", "trainer", "logger", "callbacks"),
+        *("threads", "ckpt_path", "test_after_fit", "steps_per_call", "data", "model", "trainer", "logger", "callbacks"),
     }
     assert (train["latent_dim"], train["lr"], train["denoise"], train["threads"], train["model"]) == (
         int,

@@ -168,7 +168,7 @@ def test_a_training_step_asks_the_vae_for_the_objective_of_the_modules_settings(
     module.trainer = pl.Trainer(logger=False, log_every_n_steps=50, gradient_clip_val=1e9, default_root_dir=tmp_path, **quiet)
     x = torch.bernoulli(torch.rand(8, 1, 4, 4))
     torch.manual_seed(1)
-    step = module.training_step((x, torch.zeros(8, dtype=torch.long)), 0)
+    step = module.training_step(iter([((x, torch.zeros(8, dtype=torch.long)), 0, 0)]))["loss"]  # Lightning's batch iterator
     torch.manual_seed(1)
     direct = by_hand(module.vae, x)
     torch.manual_seed(1)

@@ -141,6 +141,7 @@ def build_parts(start: Start):
     pl.seed_everything(cfg.seed, workers=True)
     data = build(cfg.data, "data")
     model: pl.LightningModule = build(cfg.model, "model", **conditioning(cfg, data))
+    model.steps_per_call = cfg.get("steps_per_call") or 1  # a run saved by an earlier vaelab has none: one a call
     if start.checkpoint is not None:
         check_fits(model.vae, vae_weights(start.checkpoint["state_dict"]), f"the checkpoint {point.path}")
         check_optimizer_state(model, start.checkpoint, f"the checkpoint {point.path}")

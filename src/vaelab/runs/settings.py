@@ -162,6 +162,7 @@ TRAIN = {
     "seed": INTEGER("42"),
     "ckpt_path": OPTIONAL_PATH(CKPT),
     "test_after_fit": BOOL,
+    "steps_per_call": POSITIVE("10"),
     "trainer.log_every_n_steps": POSITIVE("50"),
     "trainer.num_sanity_val_steps": whole(-1)("2"),
     "trainer.max_steps": whole(-1, note="-1: no limit")("-1"),

@@ -3,7 +3,7 @@ and at the end (vaelab.commands.train) a small table of the final figures; the p
 
 Lightning's clutter is silenced at its source: its model summary table (a FLOPs column of zeros without an example
 input, a row for the internal eval_means metrics) is off (vaelab.commands.train.build_parts: Trainer(enable_model_summary=
-False) unless trainer.enable_model_summary is set) and Console says the model in one line; four messages that say
+False) unless trainer.enable_model_summary is set) and Console says the model in one line; six messages that say
 nothing to a vaelab user are filtered by their own text (silence_clutter).
 """
 
@@ -36,7 +36,7 @@ ROWS = (
 
 
 def silence_clutter() -> None:
-    """Four messages of Lightning and torch that are noise in a vaelab run, each filtered by its own text."""
+    """Six messages of Lightning and torch that are noise in a vaelab run, each filtered by its own text."""
     # Lightning advertises its cloud logger to every run that does not use it.
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _NotTheLitLoggerTip) for f in rank_zero.filters):
@@ -51,6 +51,10 @@ def silence_clutter() -> None:
     # vaelab-resume continues a run in its own directory, whose checkpoints/ holds the run's checkpoints by design (a
     # new run never starts in a non-empty directory: vaelab.runs.rundir refuses it or moves it aside first).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty\.")
+    # VAEModule.training_step takes Lightning's batch iterator (several optimizer steps a call), which Lightning calls
+    # experimental, twice: the behaviour it relies on is pinned by vaelab's tests (tests/training/test_steps_per_call.py).
+    warnings.filterwarnings("ignore", message=r"Found `dataloader_iter` argument in the `training_step`")
+    warnings.filterwarnings("ignore", message=r"You are using the `dataloader_iter` step flavor")
 
 
 class _NotTheLitLoggerTip(logging.Filter):
@@ -73,6 +77,15 @@ class ProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 10, **kwargs):
         super().__init__(refresh_rate=refresh_rate if sys.stdout.isatty() else 0, **kwargs)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+        # A call of VAEModule's training_step makes several steps: redraw when the count passes a multiple of the
+        # refresh rate, not only when it lands on one (Lightning's rule, which a count moving by several would skip).
+        bar, done = self.train_progress_bar, batch_idx + 1
+        if self.is_enabled and (done // self.refresh_rate > bar.n // self.refresh_rate or done == bar.total):
+            bar.n = done
+            bar.refresh()
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
 
 class Console(Callback):
     """One line on the model when training starts, then per epoch: the mean training loss, the validation -ELBO and its
@@ -93,11 +106,13 @@ class Console(Callback):
         self._loss_sum, self._batches, self._validated = None, 0, False
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        # VAEModule's training_step makes one or more steps a call: it returns their summed loss and count
+        outputs = outputs if isinstance(outputs, dict) else {"loss": outputs}
+        loss = outputs.get("loss_sum", outputs.get("loss"))
         if loss is not None:  # summed on the device: no host sync per step
             loss = loss.detach().float()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._batches += 1
+            self._batches += int(outputs.get("steps", 1))
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validated = self._validated or not trainer.sanity_checking

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 from collections.abc import Mapping
 
 import pytorch_lightning as pl
@@ -71,6 +72,7 @@ class VAEModule(pl.LightningModule):
         self.vae = VAE.from_settings(self.hparams, instantiate)
         self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
         self._train_loss_count = 0
+        self._checkpoint_every: list[int] = []  # every_n_train_steps of the run's checkpoint callbacks (on_train_start)
         self._eval_generator: torch.Generator | None = None
         # Per-image means of validation and test figures (weighted by batch size; torchmetrics syncs them under DDP).
         # nan_strategy="disable": a NaN must reach the mean (the guard stops on it; torchmetrics' default drops it),
@@ -115,7 +117,32 @@ class VAEModule(pl.LightningModule):
         return self.hparams.beta * min(1.0, done / epochs)
 
     # --- training ----------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx):
+    # Lightning hands training_step its batch iterator (the `dataloader_iter` argument), so one call can make several
+    # optimizer steps: its per-batch machinery (hooks of 14 callbacks, the loop's bookkeeping, the logger connector)
+    # then runs once per call, not once per step. Inside a call Lightning's counters are kept as if each batch were
+    # its own call (its batch count, the step axis of the logged curves), and a call ends wherever Lightning decides
+    # something by step or batch: a logging window, max_steps, a step checkpoint, a validation, the epoch's end, a
+    # stop. So the steps, the weights, the logs and the checkpoints are those of one step a call (tested bit for bit).
+    steps_per_call = 1  # vaelab-train sets conf/train.yaml's steps_per_call; 1 under automatic optimisation
+
+    def training_step(self, dataloader_iter):
+        trainer = self.trainer
+        optimizer = None if self.automatic_optimization else self.optimizers()
+        limit = self.steps_per_call if optimizer is not None else 1  # Lightning calls it once per step when it steps
+        loss_sum, made = None, 0
+        while True:
+            batch, _, _ = next(dataloader_iter)
+            loss = self._train_on(trainer.precision_plugin.convert_input(batch), optimizer)
+            detached = loss.detach()
+            loss_sum, made = detached if loss_sum is None else loss_sum + detached, made + 1
+            if made == limit or self._call_ends(trainer, dataloader_iter):
+                break
+            _count_as_a_call(trainer.fit_loop.epoch_loop)
+        # the console's epoch mean reads loss_sum and steps (vaelab.training.console)
+        return {"loss": loss, "loss_sum": loss_sum.float(), "steps": made}
+
+    def _train_on(self, batch, optimizer) -> torch.Tensor:
+        """One batch's loss, and its optimizer step under manual optimisation; train/loss logged per window."""
         x, y = batch
         hp, vae, step = self.hparams, self.vae, self.global_step  # the step this batch makes (counted once it is made)
         target = vae.target(x)
@@ -123,8 +150,7 @@ class VAEModule(pl.LightningModule):
         loss = vae.training_loss(
             x_in, target, vae.labels_of(y), kl_weight=self.kl_weight(), free_bits=hp.free_bits, num_samples=hp.num_samples
         )
-        if not self.automatic_optimization:
-            optimizer = self.optimizers()
+        if optimizer is not None:
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
@@ -133,11 +159,29 @@ class VAEModule(pl.LightningModule):
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
         self._train_loss_count += 1
         if (step + 1) % self.trainer.log_every_n_steps == 0:
-            self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True)
+            # batch_size: Lightning asks it of a training_step that takes its iterator (it weighs epoch means only)
+            self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True, batch_size=len(x))
             if hp.kl_warmup_epochs:
-                self.log("train/beta", self.kl_weight())
+                self.log("train/beta", self.kl_weight(), batch_size=len(x))
             self._train_loss_sum, self._train_loss_count = None, 0
         return loss
+
+    def on_train_start(self) -> None:
+        # ModelCheckpoint(every_n_train_steps=N) checks global_step % N at a call's end
+        self._checkpoint_every = [n for c in self.trainer.checkpoint_callbacks if (n := getattr(c, "_every_n_train_steps", 0))]
+
+    def _call_ends(self, trainer: pl.Trainer, dataloader_iter) -> bool:
+        """Whether Lightning decides something after the step just made, which it does only at a call's end."""
+        step, loop = self.global_step, trainer.fit_loop.epoch_loop
+        if dataloader_iter.done or trainer.should_stop or trainer.received_sigterm:
+            return True
+        if step % trainer.log_every_n_steps == 0 or 0 <= trainer.max_steps <= step:
+            return True
+        if any(step % every == 0 for every in self._checkpoint_every):
+            return True
+        every = trainer.val_check_batch  # batches between validations (or per epoch, as Lightning counts them)
+        batches = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
+        return every != math.inf and (batches + 1) % every == 0
 
     # --- validation and test -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
@@ -193,3 +237,14 @@ class VAEModule(pl.LightningModule):
             # unscales inside its step (a fused one): the per-tensor kernel makes the same update.
             make = functools.partial(make.func, *make.args, **{**make.keywords, "fused": False})
         return make(params=self.parameters())
+
+
+def _count_as_a_call(loop) -> None:
+    """Lightning's counters after one more batch of a call, as if that batch had been a call of its own: the batch
+    finished (processed, completed), the next one started, and one more batch that stepped (the logged curves' x axis)."""
+    progress = loop.batch_progress
+    progress.increment_processed()
+    progress.increment_completed()
+    progress.increment_ready()
+    progress.increment_started()
+    loop._batches_that_stepped += 1

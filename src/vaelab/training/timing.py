@@ -53,7 +53,7 @@ class EpochTiming(pl.Callback):
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []  # wall seconds by "<group>/<part>", one dict per epoch
         self.cpu: list[dict[str, float]] = []  # process CPU seconds by group, one dict per epoch
-        self.steps: list[int] = []  # training batches per epoch
+        self.steps: list[int] = []  # optimizer steps per epoch
         self.charges: list[int] = []  # the timing's own charges per epoch (for `overhead`)
         self.started_at: float | None = None  # perf_counter() at the first epoch's start
         self.ended_at: float | None = None  # ... and at on_train_end
@@ -190,7 +190,24 @@ class EpochTiming(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._enter_phase(STEPS, BETWEEN)
-        self.steps[-1] += 1
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # One call of VAEModule's training_step can make several steps, with no hook between one step's end and the
+        # next forward: the optimizer's step says when each ends, and counts them.
+        for optimizer in trainer.optimizers:
+            if not getattr(optimizer.step, "counted_by_timing", False):
+                optimizer.step = self._counted(optimizer.step)
+
+    def _counted(self, step):
+        def counted(*args, **kwargs):
+            try:
+                return step(*args, **kwargs)
+            finally:
+                self._enter_phase(STEPS, FORWARD)
+                self.steps[-1] += 1
+
+        counted.counted_by_timing = True
+        return counted
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self.epochs:

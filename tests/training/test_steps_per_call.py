@@ -1,0 +1,155 @@
+"""Several optimizer steps per Lightning training_step call (VAEModule.steps_per_call, conf/train.yaml): the same
+training as one step a call, bit for bit, under every setting that Lightning decides by step or by batch: the weights,
+the step and batch counts, every logged value and its step, each validation's place, the checkpoints and their loop
+state, the console's epoch mean, the KL warm-up, and a resume from a checkpoint written inside an epoch."""
+
+import logging
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers.logger import Logger
+
+from conftest import dense_vae
+from vaelab.data.tensors import TensorBatches
+from vaelab.training.console import Console
+
+
+class Recorder(Logger):
+    """Every (step, name, value) the loggers get."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    name, version = "recorder", 0
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+    def log_metrics(self, metrics, step=None):
+        self.rows += [(step, key, float(value)) for key, value in sorted(metrics.items())]
+
+
+class Seen(pl.Callback):
+    """Where each validation ran (step, batch), how many training_step calls were made, the checkpoints written."""
+
+    def __init__(self):
+        self.validations, self.calls, self.saved = [], 0, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.calls += 1
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.validations.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_idx))
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        loop = checkpoint["loops"]["fit_loop"]
+        progress = loop["epoch_loop.batch_progress"]
+        self.saved.append((checkpoint["global_step"], loop["epoch_loop.state_dict"]["_batches_that_stepped"], progress))
+
+
+IMAGES = torch.bernoulli(torch.rand(60, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
+
+
+def fit(tmp_path, steps_per_call, every_n_train_steps=None, ckpt_path=None, **settings):
+    torch.manual_seed(0)
+    module = dense_vae(kl_warmup_epochs=1)
+    module.steps_per_call = steps_per_call
+    recorder, seen, console = Recorder(), Seen(), Console()
+    checkpoints = ModelCheckpoint(
+        dirpath=tmp_path / f"ckpt{steps_per_call}", every_n_train_steps=every_n_train_steps, save_top_k=-1
+    )
+    trainer = pl.Trainer(
+        **{"max_epochs": 3, "log_every_n_steps": 4, **settings},
+        logger=recorder,
+        callbacks=[seen, console, checkpoints],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=tmp_path,
+    )
+    train = TensorBatches(IMAGES, torch.zeros(60), batch_size=7, shuffle=True)  # 9 batches an epoch, the last of 4
+    val = TensorBatches(IMAGES[:20], torch.zeros(20), batch_size=10, shuffle=False)
+    epoch_lines = []
+    original = console.epoch_line
+    console.epoch_line = lambda *args: epoch_lines.append(original(*args).rsplit(" | ", 1)[0]) or ""
+    trainer.fit(module, train_dataloaders=train, val_dataloaders=val, ckpt_path=ckpt_path)
+    return module, trainer, recorder, seen, epoch_lines
+
+
+SETTINGS = {
+    "epochs": {},
+    "max_steps inside an epoch": {"max_steps": 13},
+    "limit_train_batches as a count": {"limit_train_batches": 5},
+    "limit_train_batches as a fraction": {"limit_train_batches": 0.7},
+    "val_check_interval in batches": {"val_check_interval": 4},
+    "val_check_interval across epochs": {"val_check_interval": 5, "check_val_every_n_epoch": None},
+    "val_check_interval as a fraction": {"val_check_interval": 0.5},
+    "step checkpoints": {"every_n_train_steps": 5},
+    "log every step": {"log_every_n_steps": 1},
+    "fast_dev_run": {"fast_dev_run": True},
+}
+
+
+@pytest.mark.parametrize("case", list(SETTINGS))
+def test_several_steps_a_call_train_as_one_step_a_call(tmp_path, case):
+    one, one_trainer, one_log, one_seen, one_lines = fit(tmp_path, 1, **SETTINGS[case])
+    many, trainer, log, seen, lines = fit(tmp_path, 5, **SETTINGS[case])
+    assert trainer.global_step == one_trainer.global_step > 0
+    for chunked, single in zip(many.parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(chunked, single, rtol=0, atol=0)
+    loop, one_loop = trainer.fit_loop.epoch_loop, one_trainer.fit_loop.epoch_loop
+    assert loop._batches_that_stepped == one_loop._batches_that_stepped
+    assert loop.batch_progress.state_dict() == one_loop.batch_progress.state_dict()  # Lightning's count of batches
+    quick = case == "fast_dev_run"  # Lightning then logs nothing and writes no checkpoint
+    assert log.rows == one_log.rows and (quick or any(key == "train/loss" for _, key, _ in log.rows))
+    assert seen.validations == one_seen.validations
+    assert seen.saved == one_seen.saved and (quick or len(seen.saved) > 0)
+    assert lines == one_lines and len(lines) > 0
+    assert trainer.callback_metrics.keys() == one_trainer.callback_metrics.keys()
+    if case in ("log every step", "fast_dev_run"):  # a window of one step ends every call; one step in all
+        assert seen.calls == one_seen.calls
+    else:
+        assert seen.calls < one_seen.calls  # several steps were made in one call
+
+
+def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_continues_alike(tmp_path, caplog):
+    """A step checkpoint written inside an epoch by a run of several steps a call holds Lightning's loop state of a
+    run of one step a call, so resuming from it with either continues the same way."""
+    _, _, _, seen, _ = fit(tmp_path, 5, every_n_train_steps=12, max_epochs=2)
+    (step, _, progress), *_ = seen.saved
+    assert step == 12 and progress["current"]["ready"] == 3  # the third batch of epoch 1: inside the epoch
+    checkpoint = tmp_path / "ckpt5" / "epoch=1-step=12.ckpt"
+    with caplog.at_level(logging.WARNING):
+        resumed = [fit(tmp_path / str(k), k, ckpt_path=checkpoint) for k in (1, 5)]
+    (one, one_trainer, one_log, *_), (many, trainer, log, *_) = resumed
+    assert trainer.global_step == one_trainer.global_step == 27
+    for chunked, single in zip(many.parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(chunked, single, rtol=0, atol=0)
+    assert log.rows == one_log.rows
+
+
+def test_a_stop_asked_for_inside_a_call_ends_it_there(tmp_path):
+    """trainer.should_stop set while the steps run (e.g. by a hook under the optimizer's step) ends the call at once."""
+
+    class StopAtStep(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            trainer.should_stop = trainer.global_step == 6  # the 7th step
+
+    torch.manual_seed(0)
+    module = dense_vae()
+    module.steps_per_call = 5
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[StopAtStep()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=TensorBatches(IMAGES, torch.zeros(60), batch_size=7, shuffle=True))
+    assert trainer.global_step == 7
