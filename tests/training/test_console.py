@@ -149,3 +149,28 @@ def test_the_bar_is_drawn_on_a_terminal_only(monkeypatch):
     monkeypatch.setattr(sys, "stdout", Terminal())
     bar = ProgressBar(refresh_rate=10)
     assert bar.is_enabled and bar.refresh_rate == 10
+
+
+def test_the_bar_is_redrawn_whenever_its_count_passes_a_multiple_of_the_refresh_rate(monkeypatch, tmp_path):
+    """A call of several steps moves the count by several batches: Lightning's rule (a count landing on a multiple)
+    would redraw a bar of 30 batches in calls of 7 only at its end."""
+    monkeypatch.setattr(sys, "stdout", Terminal())
+
+    class Drawn(ProgressBar):
+        counts: list[int] = []
+
+        def on_train_batch_end(self, *args):
+            before = self.train_progress_bar.n
+            super().on_train_batch_end(*args)
+            if self.train_progress_bar.n != before:
+                self.counts.append(self.train_progress_bar.n)
+
+    bar = Drawn(refresh_rate=10)
+    module = dense_vae()
+    module.steps_per_call = 7
+    images = torch.rand(60, 1, 4, 4)
+    trainer = pl.Trainer(
+        max_epochs=1, log_every_n_steps=50, callbacks=[bar], logger=False, enable_checkpointing=False, default_root_dir=tmp_path
+    )
+    trainer.fit(module, train_dataloaders=TensorBatches(images, torch.zeros(60), batch_size=2, shuffle=False))
+    assert bar.counts == [14, 21, 30]  # calls end at 7, 14, 21, 28, 30

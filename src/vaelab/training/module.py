@@ -173,7 +173,8 @@ class VAEModule(pl.LightningModule):
     def _call_ends(self, trainer: pl.Trainer, dataloader_iter) -> bool:
         """Whether Lightning decides something after the step just made, which it does only at a call's end."""
         step, loop = self.global_step, trainer.fit_loop.epoch_loop
-        if dataloader_iter.done or trainer.should_stop or trainer.received_sigterm:
+        # SIGTERM: under DDP Lightning shares it among the ranks only between calls, where every rank stops together
+        if dataloader_iter.done or trainer.should_stop or (trainer.received_sigterm and trainer.world_size == 1):
             return True
         if step % trainer.log_every_n_steps == 0 or 0 <= trainer.max_steps <= step:
             return True
