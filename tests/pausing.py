@@ -3,7 +3,7 @@
     vaelab-train ... +callbacks.pause._target_=pausing.Pause +callbacks.pause.stage=train +callbacks.pause.epoch=1
         +callbacks.pause.batch=5 +callbacks.pause.marker=<file>        (with tests/ on PYTHONPATH)
 
-At that batch it flushes the loggers, writes `marker` and waits (up to `seconds`) until a signal arrives.
+At that batch (in training: at its backward pass) it flushes the loggers, writes `marker` and waits (up to `seconds`) until a signal arrives.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ class Pause(pl.Callback):
         while time.monotonic() < deadline and not trainer.received_sigterm:
             time.sleep(0.02)  # SIGINT raises KeyboardInterrupt here, as it would inside a batch
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+    def on_before_backward(self, trainer, pl_module, loss):
+        # Per optimizer step: a call of VAEModule.training_step makes several steps (steps_per_call), and between the
+        # calls' hooks Lightning's batch count (kept per batch by VAEModule) says which batch is being trained.
         if self.stage == "train":
-            self.hold(trainer, batch_idx)
+            self.hold(trainer, trainer.fit_loop.epoch_loop.batch_idx)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         if self.stage == "test":
