@@ -128,18 +128,32 @@ class VAEModule(pl.LightningModule):
     def training_step(self, dataloader_iter):
         trainer = self.trainer
         optimizer = None if self.automatic_optimization else self.optimizers()
-        limit = self.steps_per_call if optimizer is not None else 1  # Lightning calls it once per step when it steps
+        limit = self._steps_this_call(trainer) if optimizer is not None else 1  # automatic: Lightning calls it per step
+        single = trainer.world_size == 1  # SIGTERM: under DDP Lightning shares it among the ranks only between calls
         loss_sum, made = None, 0
         while True:
             batch, _, _ = next(dataloader_iter)
             loss = self._train_on(trainer.precision_plugin.convert_input(batch), optimizer)
             detached = loss.detach()
             loss_sum, made = detached if loss_sum is None else loss_sum + detached, made + 1
-            if made == limit or self._call_ends(trainer, dataloader_iter):
+            if made == limit or dataloader_iter.done or trainer.should_stop or (single and trainer.received_sigterm):
                 break
             _count_as_a_call(trainer.fit_loop.epoch_loop)
         # the console's epoch mean reads loss_sum and steps (vaelab.training.console)
         return {"loss": loss, "loss_sum": loss_sum.float(), "steps": made}
+
+    def _steps_this_call(self, trainer: pl.Trainer) -> int:
+        """Up to steps_per_call, ending at the first step after which Lightning decides something by step or batch."""
+        step, loop, limit = self.global_step, trainer.fit_loop.epoch_loop, self.steps_per_call
+        for every in (trainer.log_every_n_steps, *self._checkpoint_every):  # a logging window's end, a step checkpoint
+            limit = min(limit, every - step % every)
+        if trainer.max_steps >= 0:
+            limit = min(limit, trainer.max_steps - step)
+        every = trainer.val_check_batch  # batches between validations (or per epoch, as Lightning counts them)
+        if every != math.inf:
+            first = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx  # this call's
+            limit = min(limit, (every - (first + 1) % every) % every + 1)
+        return max(1, limit)
 
     def _train_on(self, batch, optimizer) -> torch.Tensor:
         """One batch's loss, and its optimizer step under manual optimisation; train/loss logged per window."""
@@ -169,20 +183,6 @@ class VAEModule(pl.LightningModule):
     def on_train_start(self) -> None:
         # ModelCheckpoint(every_n_train_steps=N) checks global_step % N at a call's end
         self._checkpoint_every = [n for c in self.trainer.checkpoint_callbacks if (n := getattr(c, "_every_n_train_steps", 0))]
-
-    def _call_ends(self, trainer: pl.Trainer, dataloader_iter) -> bool:
-        """Whether Lightning decides something after the step just made, which it does only at a call's end."""
-        step, loop = self.global_step, trainer.fit_loop.epoch_loop
-        # SIGTERM: under DDP Lightning shares it among the ranks only between calls, where every rank stops together
-        if dataloader_iter.done or trainer.should_stop or (trainer.received_sigterm and trainer.world_size == 1):
-            return True
-        if step % trainer.log_every_n_steps == 0 or 0 <= trainer.max_steps <= step:
-            return True
-        if any(step % every == 0 for every in self._checkpoint_every):
-            return True
-        every = trainer.val_check_batch  # batches between validations (or per epoch, as Lightning counts them)
-        batches = loop.total_batch_idx if trainer.check_val_every_n_epoch is None else loop.batch_idx
-        return every != math.inf and (batches + 1) % every == 0
 
     # --- validation and test -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
