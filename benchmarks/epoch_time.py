@@ -2,7 +2,7 @@
 alternated epoch by epoch in one process, with vaelab's epoch broken into its parts.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/epoch_time.py [--batch-sizes 128 32] [--repeats 5] [--threads 1]
-        [--run [--run-repeats 3]] [--quick]
+        [--run [--run-repeats 3]] [--train-batches N] [--quick]
 
 The loops train the default model (conf/model/dense.yaml, its networks built from the config) on the same 55,000
 Fashion-MNIST training images, then validate on the same 5,000, every epoch:
@@ -21,6 +21,10 @@ none of vaelab's epochs (EpochTiming.paused). Epoch 0 warms each loop up and is 
 torch threads. vaelab.training.timing.EpochTiming, first among the trainer's callbacks, breaks vaelab's epochs into
 parts; the same-levers and hand-written loops time the same parts of theirs (forward, backward, optimizer, batch fetch,
 validation) with perf_counter.
+
+--train-batches N: each loop trains N batches an epoch (vaelab: trainer.limit_train_batches=N), validating in full: the
+turns are shorter, so a burst of load on a shared machine falls on fewer of them and the per-step figures steady (the
+epoch-end shares are then of the shorter epoch).
 
 --run: a whole run, alternated: `vaelab-train epochs=1` (with and without its test stage) against importing what it
 imports and against one epoch of the same-levers loop in a fresh process (issue 21, point 4).
@@ -118,13 +122,13 @@ class Epoch:
 class BareLoop:
     """What the two hand-made loops share: the config's networks, seeded; an epoch timed part by part."""
 
-    def __init__(self, cfg, batch_size: int, quick: bool):
+    def __init__(self, cfg, batch_size: int, quick: bool, train_batches: int | None = None):
         torch.manual_seed(cfg.seed)
         network = lambda key: instantiate(OmegaConf.to_container(cfg.model[key], resolve=True))  # noqa: E731
         self.encoder, self.decoder = network("encoder"), network("decoder")
         self.params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.batch_size, self.latent = batch_size, int(cfg.model.latent_dim)
-        self.max_batches = QUICK["train"] if quick else None
+        self.max_batches = QUICK["train"] if quick else train_batches
         self.val_images = QUICK["val"] * int(cfg.data.eval_batch_size) if quick else int(cfg.data.val_size)
 
     def lap(self, part: str) -> None:
@@ -146,8 +150,8 @@ class BareLoop:
 class HandWritten(BareLoop):
     """pytorch/examples' vae/main.py, around the config's networks, on vaelab's split of the training images."""
 
-    def __init__(self, cfg, batch_size: int, quick: bool, picture_dir: Path):
-        super().__init__(cfg, batch_size, quick)
+    def __init__(self, cfg, batch_size: int, quick: bool, picture_dir: Path, train_batches: int | None = None):
+        super().__init__(cfg, batch_size, quick, train_batches)
         from torch.utils.data import DataLoader, Subset
         from torchvision import datasets, transforms
 
@@ -208,8 +212,8 @@ class HandWritten(BareLoop):
 class SameLevers(BareLoop):
     """The hand-written loop with vaelab's levers, on vaelab's own in-memory tensors."""
 
-    def __init__(self, cfg, batch_size: int, quick: bool):
-        super().__init__(cfg, batch_size, quick)
+    def __init__(self, cfg, batch_size: int, quick: bool, train_batches: int | None = None):
+        super().__init__(cfg, batch_size, quick, train_batches)
         data = instantiate(cfg.data)
         data.prepare_data()
         data.setup()
@@ -300,11 +304,13 @@ def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, fl
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"batch_size={batch_size}", f"epochs={args.repeats + 1}", f"threads={args.threads}"]
+        if args.train_batches and not args.quick:
+            overrides.append(f"trainer.limit_train_batches={args.train_batches}")
         cfg = compose_train(overrides + quick_overrides(args.quick), Path(tmp) / "run")
         (Path(tmp) / "hand").mkdir()
         loops = {
-            "hand-written": HandWritten(cfg, batch_size, args.quick, Path(tmp) / "hand"),
-            "same-levers": SameLevers(cfg, batch_size, args.quick),
+            "hand-written": HandWritten(cfg, batch_size, args.quick, Path(tmp) / "hand", args.train_batches),
+            "same-levers": SameLevers(cfg, batch_size, args.quick, args.train_batches),
         }
         timing = Alternate(loops, batch_size)
         started = time.perf_counter()
@@ -491,6 +497,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every loop (default 1: stable ratios)")
     parser.add_argument("--run", action="store_true", help="also the cost of a whole run (slow: minutes)")
     parser.add_argument("--run-repeats", type=int, default=None, help="rounds of --run (default 3; --quick: 1)")
+    parser.add_argument(
+        "--train-batches",
+        type=int,
+        default=None,
+        help="train this many batches an epoch in every loop: shorter turns, steadier step figures on a noisy machine",
+    )
     parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK['train']} training batches an epoch")
     parser.add_argument("--same-levers-epoch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
