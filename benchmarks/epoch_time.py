@@ -102,8 +102,10 @@ def compose_train(overrides: list[str], output_dir: Path):
     return cfg
 
 
-def quick_overrides(quick: bool) -> list[str]:
-    return [f"trainer.limit_{stage}_batches={n}" for stage, n in QUICK.items()] if quick else []
+def quick_overrides(quick: bool, train_batches: int | None = None) -> list[str]:
+    """vaelab's batch limits: --quick's, and --train-batches' (which also sets --quick's training batches)."""
+    limits = {**(QUICK if quick else {}), **({"train": train_batches} if train_batches else {})}
+    return [f"trainer.limit_{stage}_batches={n}" for stage, n in limits.items()]
 
 
 @dataclass
@@ -128,7 +130,7 @@ class BareLoop:
         self.encoder, self.decoder = network("encoder"), network("decoder")
         self.params = [*self.encoder.parameters(), *self.decoder.parameters()]
         self.batch_size, self.latent = batch_size, int(cfg.model.latent_dim)
-        self.max_batches = QUICK["train"] if quick else train_batches
+        self.max_batches = train_batches or (QUICK["train"] if quick else None)
         self.val_images = QUICK["val"] * int(cfg.data.eval_batch_size) if quick else int(cfg.data.val_size)
 
     def lap(self, part: str) -> None:
@@ -304,9 +306,7 @@ def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, fl
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"batch_size={batch_size}", f"epochs={args.repeats + 1}", f"threads={args.threads}"]
-        if args.train_batches and not args.quick:
-            overrides.append(f"trainer.limit_train_batches={args.train_batches}")
-        cfg = compose_train(overrides + quick_overrides(args.quick), Path(tmp) / "run")
+        cfg = compose_train(overrides + quick_overrides(args.quick, args.train_batches), Path(tmp) / "run")
         (Path(tmp) / "hand").mkdir()
         loops = {
             "hand-written": HandWritten(cfg, batch_size, args.quick, Path(tmp) / "hand", args.train_batches),

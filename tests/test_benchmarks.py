@@ -114,10 +114,10 @@ def benchmark(script: str, *args: str) -> str:
 
 @pytest.mark.slow  # about 20 s on 2 quiet cores (7 s of imports)
 def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
-    out = benchmark("epoch_time.py", "--quick", "--batch-sizes", "32")
+    out = benchmark("epoch_time.py", "--quick", "--batch-sizes", "32", "--train-batches", "12")
     assert re.match(r"machine: .+, bf16 instructions: (yes|no) .+torch .+1 torch thread", out)
     for loop in ("hand-written", "same-levers", "vaelab"):
-        assert re.search(rf"^\| 32 \| {loop} \| 20 \| \d+\.\d\d \(", out, re.M), loop  # 20 training steps an epoch
+        assert re.search(rf"^\| 32 \| {loop} \| 12 \| \d+\.\d\d \(", out, re.M), loop  # --train-batches 12 an epoch
     for figure in ("vaelab / hand-written", "vaelab / same-levers", "framework cost per step, training steps only"):
         assert re.search(rf"^\| 32 \| {re.escape(figure)} \| -?\d+\.\d+(x| ms) \(.+\| <= ", out, re.M), figure
     table = dict(re.findall(r"^\| (?:\*\*)?((?:steps|epoch end)/[^|*]+?)(?:\*\*)? \| (\d+\.\d+) \|", out, re.M))
