@@ -156,3 +156,13 @@ def test_the_timing_counts_each_optimizer_step_of_a_call_of_several(tmp_path):
     assert timing.steps == [9, 9] and trainer.global_step == 18
     for epoch in timing.epochs:
         assert epoch["steps/forward and loss"] > epoch["steps/batch fetch, Lightning"]  # 9 forwards, 3 calls' fetch
+
+
+@pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports and six trainers' set-up
+def test_the_steps_per_call_benchmark_times_each_loop_over_the_plain_one():
+    out = benchmark("steps_per_call.py", "--quick")  # it fails when a turn makes other than its 5 steps
+    assert re.search(r"^batch 8, 5 steps a turn, 2 rounds; CPU ms per step", out, re.M)
+    figure = r"-?\d+\.\d{3} \(-?\d+\.\d{3}--?\d+\.\d{3}\)"
+    assert re.search(rf"^plain: {figure}$", out, re.M)
+    for loop in ("bare Trainer, 10 a call", "vaelab, 10 a call", "vaelab, 1 a call"):
+        assert re.search(rf"^{loop}: {figure}; over plain {figure}$", out, re.M), loop
