@@ -67,6 +67,7 @@ class EpochTiming(pl.Callback):
         self._cpu_group: str | None = None
         self._cpu_last = time.process_time()
         self._wrapped = False
+        self._step_hooks: list = []  # the optimizers' step hooks, while training
 
     # --- the accounting ---------------------------------------------------------------------------------------
     def _charge(self) -> None:
@@ -193,21 +194,12 @@ class EpochTiming(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # One call of VAEModule's training_step can make several steps, with no hook between one step's end and the
-        # next forward: the optimizer's step says when each ends, and counts them.
-        for optimizer in trainer.optimizers:
-            if not getattr(optimizer.step, "counted_by_timing", False):
-                optimizer.step = self._counted(optimizer.step)
+        # next forward: the optimizer's own step hook says when each ends, and counts them.
+        self._step_hooks = [optimizer.register_step_post_hook(self._after_step) for optimizer in trainer.optimizers]
 
-    def _counted(self, step):
-        def counted(*args, **kwargs):
-            try:
-                return step(*args, **kwargs)
-            finally:
-                self._enter_phase(STEPS, FORWARD)
-                self.steps[-1] += 1
-
-        counted.counted_by_timing = True
-        return counted
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._enter_phase(STEPS, FORWARD)
+        self.steps[-1] += 1
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and self.epochs:
@@ -219,6 +211,8 @@ class EpochTiming(pl.Callback):
             self._enter_phase(EPOCH_END, AFTER_VALIDATION)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for hook in self._step_hooks:
+            hook.remove()
         self._close_epoch()
         self._record, self._cpu_record = {}, None  # what follows (the test stage) is no epoch's
         self.ended_at = time.perf_counter()
