@@ -133,14 +133,13 @@ class VAEModule(pl.LightningModule):
         loss_sum, made = None, 0
         while True:
             batch, _, _ = next(dataloader_iter)
-            loss = self._train_on(trainer.precision_plugin.convert_input(batch), optimizer)
-            detached = loss.detach()
+            loss, detached = self._train_on(trainer.precision_plugin.convert_input(batch), optimizer)
             loss_sum, made = detached if loss_sum is None else loss_sum + detached, made + 1
             if made == limit or dataloader_iter.done or trainer.should_stop or (single and trainer.received_sigterm):
                 break
             _count_as_a_call(trainer.fit_loop.epoch_loop)
         # the console's epoch mean reads loss_sum and steps (vaelab.training.console)
-        return {"loss": loss, "loss_sum": loss_sum.float(), "steps": made}
+        return {"loss": loss, "loss_sum": loss_sum, "steps": made}
 
     def _steps_this_call(self, trainer: pl.Trainer) -> int:
         """Up to steps_per_call, ending at the first step after which Lightning decides something by step or batch."""
@@ -155,8 +154,9 @@ class VAEModule(pl.LightningModule):
             limit = min(limit, (every - (first + 1) % every) % every + 1)
         return max(1, limit)
 
-    def _train_on(self, batch, optimizer) -> torch.Tensor:
-        """One batch's loss, and its optimizer step under manual optimisation; train/loss logged per window."""
+    def _train_on(self, batch, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch's loss (and it detached, as a float32 tensor), and its optimizer step under manual optimisation;
+        train/loss logged per window."""
         x, y = batch
         hp, vae, step = self.hparams, self.vae, self.global_step  # the step this batch makes (counted once it is made)
         target = vae.target(x)
@@ -178,7 +178,7 @@ class VAEModule(pl.LightningModule):
             if hp.kl_warmup_epochs:
                 self.log("train/beta", self.kl_weight(), batch_size=len(x))
             self._train_loss_sum, self._train_loss_count = None, 0
-        return loss
+        return loss, detached
 
     def on_train_start(self) -> None:
         # ModelCheckpoint(every_n_train_steps=N) checks global_step % N at a call's end
