@@ -94,7 +94,8 @@ def main() -> None:
             x = images[index]
             optimizer.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                loss = vae.training_loss(vae.target(x), vae.target(x))
+                target = vae.target(x)  # as VAEModule: one target for input and reconstruction
+                loss = vae.training_loss(target, target)
             loss.backward()
             optimizer.step()
         return (time.process_time() - started) / len(order) * 1e3
