@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vaelab.choices import OBJECTIVES
-from vaelab.model.likelihoods import Likelihood, bits_per_dim, build, dequantize
+from vaelab.model.likelihoods import Likelihood, bernoulli_nll, bits_per_dim, build, dequantize
 from vaelab.model.priors import StandardPrior
 from vaelab.model.priors import build as build_prior
 
@@ -40,11 +40,6 @@ def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) per example, in nats, summed over latent dimensions."""
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=-1)
-
-
-def bernoulli_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log p(target | logits) per example, in nats, summed over pixels (stable: computed from logits)."""
-    return F.binary_cross_entropy_with_logits(logits, target, reduction="none").flatten(1).sum(dim=1)
 
 
 def elbo_loss(logits, target, mu, logvar, beta: float = 1.0) -> dict[str, torch.Tensor]:
