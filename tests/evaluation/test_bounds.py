@@ -97,6 +97,25 @@ def test_iwae_is_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z
     assert active_units(out["mu"]) == 0
 
 
+def test_the_iwae_bound_of_a_batch_is_the_same_whatever_its_passes():
+    """vaelab.model.vae.bounds decodes a batch in passes of PAIRS_PER_PASS (image, sample) pairs (the test stage's
+    speed); the samples are drawn pass by pass in the order of one draw of all K, so the figures are the same bit for
+    bit whatever the pass size (on the CPU, for batch x latent a multiple of 16, as every default run's)."""
+    from vaelab.model.vae import bounds
+
+    torch.manual_seed(0)
+    vae = dense_vae(latent_dim=16, image_shape=(1, 6, 6)).vae.eval()
+    images = torch.rand(50, 1, 6, 6)
+    with torch.no_grad():
+        mu, logvar = vae.encode(images)
+        figures = [
+            bounds(vae, images, mu, logvar, 10, pairs, torch.Generator().manual_seed(3))
+            for pairs in (20000, 150, 1)  # samples a pass: all 10; 3, 3, 3 and 1; one
+        ]
+    for other in figures[1:]:
+        assert all(torch.equal(figures[0][key], other[key]) for key in ("recon", "kl", "nll_iwae"))
+
+
 def test_iwae_converges_to_the_likelihood_by_quadrature():
     # One pixel, one latent: p(x) = int Bern(x | sigmoid(w z + b)) N(z; 0, 1) dz by quadrature, with a posterior
     # q = N(0.3, e^0.5) that is not the prior (wider, so the weights have finite variance).

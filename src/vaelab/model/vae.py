@@ -30,6 +30,10 @@ from vaelab.model.priors import StandardPrior
 from vaelab.model.priors import build as build_prior
 
 LOG_2PI = math.log(2 * math.pi)
+# (image, sample) pairs decoded at once by `bounds`: small passes stay in the CPU's caches and reuse the allocator's
+# memory, large ones page-fault in fresh tensors (measured, one thread: the IWAE bound of 10,000 test images with
+# K = 10 took 1.6 s in passes of 20,000 pairs, 0.8 s in passes of 1,000, the same figures).
+PAIRS_PER_PASS = 1000
 
 
 def gaussian_log_prob(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -105,14 +109,15 @@ def bounds(
     mu: torch.Tensor,
     logvar: torch.Tensor,
     num_samples: int,
-    pairs_per_pass: int = 20000,
+    pairs_per_pass: int = PAIRS_PER_PASS,
     generator: torch.Generator | None = None,
     labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per image (float64): recon (averaged over the K samples), the KL (exact for the standard prior; for a mixture
     prior averaged over the same K samples, log q(z_k|x) - log p(z_k)), and nll_iwae, the IWAE estimate of -log p(x)
-    from K samples, decoded at most `pairs_per_pass` (image, sample) pairs at a time. labels: as log_weights' (then
-    these are the bounds of -log p(x|y))."""
+    from K samples, decoded at most `pairs_per_pass` (image, sample) pairs at a time (at least one sample of every
+    image: the samples are drawn pass by pass, in the order one draw of all K would give them on the CPU). labels: as
+    log_weights' (then these are the bounds of -log p(x|y))."""
     per_pass = min(num_samples, max(1, pairs_per_pass // max(1, target.shape[0])))
     log_px_z, log_ratio = zip(
         *(
