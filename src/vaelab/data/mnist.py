@@ -46,7 +46,7 @@ def read_idx(path: Path, magic: int, shape: tuple[int, ...]) -> torch.Tensor:
     expected = header + math.prod(shape)
     if len(raw) != expected:
         raise UserError(f"{path}: file is {len(raw)} bytes, expected {expected} (truncated or corrupted); {fix}")
-    return torch.frombuffer(bytearray(raw[header:]), dtype=torch.uint8).view(shape)
+    return torch.frombuffer(bytearray(memoryview(raw)[header:]), dtype=torch.uint8).view(shape)  # one copy, writable
 
 
 def _raw_dir(data_dir: Path, dataset: str) -> Path:
@@ -122,13 +122,22 @@ def locate(data_dir: str | Path, dataset: str, system_dir: str | None, download:
     )
 
 
-def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images as float32 in [0, 1] with a channel axis, labels as int64."""
+def read_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IDX files' bytes: images uint8 [N, 28, 28], labels uint8 [N]."""
     stem, magic, shape = IDX_FILES[(split, "images")]
     images = read_idx(raw_dir / stem, magic, shape)
     stem, magic, shape = IDX_FILES[(split, "labels")]
-    labels = read_idx(raw_dir / stem, magic, shape)
+    return images, read_idx(raw_dir / stem, magic, shape)
+
+
+def as_tensors(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 in [0, 1] with a channel axis, labels as int64."""
     return images.unsqueeze(1).float().div_(255.0), labels.long()
+
+
+def load_split(raw_dir: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split's images as float32 in [0, 1] with a channel axis, labels as int64."""
+    return as_tensors(*read_split(raw_dir, split))
 
 
 class MNISTLike(TensorData):
@@ -166,7 +175,9 @@ class MNISTLike(TensorData):
 
     def load(self):
         raw_dir = locate(self.data_dir, self.dataset, self.system_dir, download=False)
-        images, labels = load_split(raw_dir, "train")
+        images, labels = read_split(raw_dir, "train")
         order = seeded_order(len(images), self.split_seed)
         val_idx, train_idx = order[: self.val_size], order[self.val_size :]
-        return (images[train_idx], labels[train_idx]), (images[val_idx], labels[val_idx]), load_split(raw_dir, "test")
+        # split as bytes, then converted: a quarter of the memory to gather (0.1 s of a run's start)
+        train, val = (as_tensors(images[idx], labels[idx]) for idx in (train_idx, val_idx))
+        return train, val, load_split(raw_dir, "test")
