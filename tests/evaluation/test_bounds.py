@@ -116,6 +116,23 @@ def test_the_iwae_bound_of_a_batch_is_the_same_whatever_its_passes():
         assert all(torch.equal(figures[0][key], other[key]) for key in ("recon", "kl", "nll_iwae"))
 
 
+def test_vaelab_eval_figures_are_those_of_one_pass_a_chunk():
+    """likelihood (vaelab-eval's bounds) chunks the images by pairs_per_pass and decodes each chunk in smaller passes:
+    the figures are those of decoding each chunk at once, bit for bit (the same draws in the same order)."""
+    from vaelab.model.vae import bounds
+
+    torch.manual_seed(0)
+    vae = dense_vae(latent_dim=16, image_shape=(1, 6, 6)).vae.eval()
+    images = torch.rand(300, 1, 6, 6)
+    out = likelihood(vae, images, 100, pairs_per_pass=20000, generator=torch.Generator().manual_seed(5))
+    generator, by_chunk = torch.Generator().manual_seed(5), []
+    with torch.no_grad():
+        for x in images.split(200):  # 20,000 pairs // K = 100: chunks of 200 images, each decoded at once
+            mu, logvar = vae.encode(x)
+            by_chunk.append(bounds(vae, x, mu, logvar, 100, 10**9, generator)["nll_iwae"])
+    assert torch.equal(out["nll_iwae"], torch.cat(by_chunk))
+
+
 def test_iwae_converges_to_the_likelihood_by_quadrature():
     # One pixel, one latent: p(x) = int Bern(x | sigmoid(w z + b)) N(z; 0, 1) dz by quadrature, with a posterior
     # q = N(0.3, e^0.5) that is not the prior (wider, so the weights have finite variance).

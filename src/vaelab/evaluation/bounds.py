@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from vaelab.model.vae import VAE, add_noise, bounds
+from vaelab.model.vae import PAIRS_PER_PASS, VAE, add_noise, bounds
 
 
 @torch.no_grad()
@@ -32,8 +32,10 @@ def likelihood(
     """Per-image negative ELBO parts, IWAE estimate of -log p(x) (nats) and posterior means, for every image.
 
     The reconstruction term averages the same K samples the IWAE estimate uses (less noise than one sample);
-    the KL term is exact. Images go through in chunks so that at most `pairs_per_pass` (image, sample)
-    pairs are decoded at once; with K above that, the samples of one image are split too. A density
+    the KL term is exact. Images go through in chunks of pairs_per_pass // K, the samples of a chunk drawn as one
+    draw, decoded in passes of at most min(pairs_per_pass, vaelab.model.vae.PAIRS_PER_PASS) (image, sample) pairs
+    (the same figures as one pass of the chunk, in half the time); with K above that, the samples of one image are
+    split too. A density
     likelihood sees the images dequantised with `generator`'s noise (vaelab.model.vae.VAE.target). labels: the images'
     classes, for a conditional VAE (the figures are then conditioned on them). advance(n): n more images are done.
     """
@@ -49,7 +51,9 @@ def likelihood(
         target = vae.target(x, generator)
         mu, logvar = vae.encode(target, y)
         stop = start + x.shape[0]
-        for key, value in bounds(vae, target, mu, logvar, num_samples, pairs_per_pass, generator, labels=y).items():
+        # decoded in passes of at most PAIRS_PER_PASS pairs (speed), drawn as in one pass of the chunk (the same figures)
+        passes = min(pairs_per_pass, PAIRS_PER_PASS)
+        for key, value in bounds(vae, target, mu, logvar, num_samples, passes, generator, labels=y).items():
             result[key][start:stop] = value
         result["mu"][start:stop] = mu
         start = stop
