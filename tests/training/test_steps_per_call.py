@@ -116,6 +116,21 @@ def test_several_steps_a_call_train_as_one_step_a_call(tmp_path, case):
         assert seen.calls < one_seen.calls  # several steps were made in one call
 
 
+def test_bf16_autocast_that_caches_weight_casts_trains_as_one_step_a_call(tmp_path, monkeypatch):
+    """Under bf16-mixed, a call of several steps runs them all inside Lightning's one autocast context. Lightning
+    2.6.6 makes it without a cast cache; one that caches the weights' bf16 copies (torch's default, and what later
+    Lightning versions do in forward_context) would give every step after a call's first the weights of before its
+    optimizer steps, unless the cache is cleared after each step, as VAEModule does."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    caching = lambda plugin: torch.autocast(plugin.device, dtype=torch.bfloat16, cache_enabled=True)  # noqa: E731
+    monkeypatch.setattr(MixedPrecision, "autocast_context_manager", caching)
+    one, *_ = fit(tmp_path / "one", 1, precision="bf16-mixed", max_epochs=1)
+    many, *_ = fit(tmp_path / "many", 5, precision="bf16-mixed", max_epochs=1)
+    for chunked, single in zip(many.parameters(), one.parameters(), strict=True):
+        torch.testing.assert_close(chunked, single, rtol=0, atol=0)
+
+
 def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_continues_alike(tmp_path, caplog):
     """A step checkpoint written inside an epoch by a run of several steps a call holds Lightning's loop state of a
     run of one step a call, so resuming from it with either continues the same way."""

@@ -168,6 +168,9 @@ class VAEModule(pl.LightningModule):
             optimizer.zero_grad()
             self.manual_backward(loss)
             optimizer.step()
+            # A call's next step runs in the same autocast context: bf16 copies of the weights cached there (torch's
+            # default, later Lightning's) would be the weights of before this step (tested).
+            torch.clear_autocast_cache()
         # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
         detached = loss.detach().float()
         self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
