@@ -72,6 +72,16 @@ def test_bernoulli_nll_is_within_float32_of_bce_and_trains_as_bce_bit_for_bit():
     target = torch.rand(3, generator=g).requires_grad_()  # a target with a gradient gets BCE's too: -z
     L.bernoulli_pixel_nll(torch.tensor([-2.0, 0.0, 5.0]), target).sum().backward()
     assert torch.equal(target.grad, torch.tensor([2.0, 0.0, -5.0]))
+    # mixed dtypes: computed in the wider one, as BCE-with-logits; each gradient in its input's dtype
+    for logits_dtype, target_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
+        z = (4 * torch.randn(6, generator=g)).to(logits_dtype).requires_grad_()
+        x = torch.rand(6, generator=g, dtype=target_dtype).requires_grad_()
+        mine, theirs = L.bernoulli_pixel_nll(z, x), F.binary_cross_entropy_with_logits(z, x, reduction="none")
+        assert mine.dtype == theirs.dtype == target_dtype
+        exact = F.binary_cross_entropy_with_logits(z.double(), x.double(), reduction="none")  # of the same values
+        torch.testing.assert_close(mine.double(), exact, rtol=1e-6, atol=1e-6)
+        mine.sum().backward()
+        assert z.grad.dtype == logits_dtype and x.grad.dtype == target_dtype
 
 
 # ---------------------------------------------------------------- continuous Bernoulli

@@ -91,6 +91,9 @@ class _BernoulliPixelNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, target: Tensor) -> Tensor:
+        ctx.dtypes = logits.dtype, target.dtype
+        dtype = torch.promote_types(logits.dtype, target.dtype)  # as BCE-with-logits: in the wider of the two
+        logits, target = logits.to(dtype), target.to(dtype)
         ctx.save_for_backward(logits, target)
         nll = logits.abs().neg_().exp_().add_(1).log_()
         return nll.add_(logits.clamp(min=0)).addcmul_(logits, target, value=-1)
@@ -98,8 +101,9 @@ class _BernoulliPixelNLL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         logits, target = ctx.saved_tensors
-        grad_logits = (logits.sigmoid() - target) * grad if ctx.needs_input_grad[0] else None
-        return grad_logits, -logits * grad if ctx.needs_input_grad[1] else None
+        logits_dtype, target_dtype = ctx.dtypes
+        grad_logits = ((logits.sigmoid() - target) * grad).to(logits_dtype) if ctx.needs_input_grad[0] else None
+        return grad_logits, (-logits * grad).to(target_dtype) if ctx.needs_input_grad[1] else None
 
 
 def bernoulli_pixel_nll(logits: Tensor, target: Tensor) -> Tensor:
