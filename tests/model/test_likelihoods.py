@@ -72,6 +72,8 @@ def test_bernoulli_nll_is_within_float32_of_bce_and_trains_as_bce_bit_for_bit():
     target = torch.rand(3, generator=g).requires_grad_()  # a target with a gradient gets BCE's too: -z
     L.bernoulli_pixel_nll(torch.tensor([-2.0, 0.0, 5.0]), target).sum().backward()
     assert torch.equal(target.grad, torch.tensor([2.0, 0.0, -5.0]))
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 1, 4, 4\) for images of shape \(2, 1, 1, 4\)"):
+        L.bernoulli_nll(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 1, 4))  # BCE refuses to broadcast too
     # mixed dtypes: computed in the wider one, as BCE-with-logits; each gradient in its input's dtype
     for logits_dtype, target_dtype in ((torch.bfloat16, torch.float32), (torch.float32, torch.float64)):
         z = (4 * torch.randn(6, generator=g)).to(logits_dtype).requires_grad_()

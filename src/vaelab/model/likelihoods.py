@@ -108,7 +108,9 @@ class _BernoulliPixelNLL(torch.autograd.Function):
 
 def bernoulli_pixel_nll(logits: Tensor, target: Tensor) -> Tensor:
     """-log p(target | sigmoid(logits)) per pixel, nats (the binary cross-entropy from logits, as
-    F.binary_cross_entropy_with_logits(reduction="none"), faster on the CPU)."""
+    F.binary_cross_entropy_with_logits(reduction="none"), faster on the CPU). Like it, it takes no broadcasting."""
+    if logits.shape != target.shape:
+        raise ValueError(f"bernoulli: logits of shape {tuple(logits.shape)} for images of shape {tuple(target.shape)}")
     return _BernoulliPixelNLL.apply(logits, target)
 
 
