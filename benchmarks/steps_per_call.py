@@ -54,13 +54,18 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="5 steps a turn, 2 rounds: for the tests")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:  # the turns' run directories (checkpoints, events): removed at the end
+        measure(args, Path(folder))
+
+
+def measure(args, tmp: Path) -> None:
+    """The alternated turns, their run directories under tmp, and the report."""
     steps, rounds = (5, 2) if args.quick else (args.steps, args.rounds)
     torch.set_num_threads(1)
     import vaelab.commands.train as command
     from vaelab.runs.resume import Start
     from vaelab.training.data import LightningData
 
-    tmp = Path(tempfile.mkdtemp())
     limits = [f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0"]
     cfg = compose_train([f"batch_size={args.batch_size}", "threads=1", "epochs=1", *limits], tmp / "run")
     cfg.callbacks.training_budget.min_steps = None  # a turn is a few hundred steps by design
