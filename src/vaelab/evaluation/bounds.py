@@ -47,12 +47,12 @@ def likelihood(
     result["mu"] = torch.empty(n, latent_dim, device=images.device)
     start = 0
     chunk = max(1, pairs_per_pass // num_samples)
+    # decoded in passes of at most PAIRS_PER_PASS pairs (speed), drawn as in one pass of the chunk (the same figures)
+    passes = min(pairs_per_pass, PAIRS_PER_PASS)
     for x, y in zip(images.split(chunk), repeat(None) if labels is None else labels.split(chunk)):
         target = vae.target(x, generator)
         mu, logvar = vae.encode(target, y)
         stop = start + x.shape[0]
-        # decoded in passes of at most PAIRS_PER_PASS pairs (speed), drawn as in one pass of the chunk (the same figures)
-        passes = min(pairs_per_pass, PAIRS_PER_PASS)
         for key, value in bounds(vae, target, mu, logvar, num_samples, passes, generator, labels=y).items():
             result[key][start:stop] = value
         result["mu"][start:stop] = mu
