@@ -2,13 +2,15 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/steps_per_call.py [--batch-size 8] [--steps 300] [--rounds 12] [--quick]
 
-Four loops train the default model (conf/model/dense.yaml) on vaelab's in-memory training images, taking turns of
+Five loops train the default model (conf/model/dense.yaml) on vaelab's in-memory training images, taking turns of
 --steps training steps each (no validation), --rounds times, in one process on one torch thread:
 - plain: vaelab's VAE and its loss (VAE.training_loss), the config's optimizer (fused Adam) and precision (bf16
   autocast where the CPU has it), batches gathered from the in-memory tensors: no Lightning;
 - bare Trainer, 10 a call: the same VAEModule in a Trainer with no callback, logger or checkpoint, 10 steps a call;
 - vaelab, 10 a call and vaelab, 1 a call: vaelab-train's own trainer (vaelab.commands.train.build_parts: every default
-  callback, the TensorBoard logger, checkpoints) with steps_per_call 10 and 1.
+  callback, the TensorBoard logger, checkpoints) with steps_per_call 10 and 1;
+- vaelab, 10 a call, step hooks: the same with one more callback that has an (empty) on_after_backward, so each step
+  goes through Lightning's manual_backward and optimizer step and their hook dispatches (VAEModule's direct steps off).
 A Lightning turn is one fit of one epoch of --steps batches on a trainer built for it (the build is not timed). It
 prints each loop's CPU milliseconds per step and, per loop, the median (and range) over the rounds after the first
 of its difference from the plain loop's turn in the same round: turns this short keep a burst of load on a shared
@@ -45,6 +47,14 @@ class EpochClock(pl.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self.ms.append((time.process_time() - self.started) / self.steps * 1e3)
+
+
+class StepHook(pl.Callback):
+    """A callback with its own (empty) step hook: Lightning's backward and optimizer step then dispatch every step hook
+    to every callback, as they do for any run with such a callback (VAEModule's direct steps are off)."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        pass
 
 
 def main() -> None:
@@ -105,10 +115,10 @@ def measure(args, tmp: Path) -> None:
             optimizer.step()
         return (time.process_time() - started) / len(order) * 1e3
 
-    def lightning_turn(build, turn: int) -> float:
+    def lightning_turn(build, turn: int, *extra: pl.Callback) -> float:
         datamodule, model, trainer = build(turn)
         clock = EpochClock(steps)
-        trainer.callbacks.insert(0, clock)
+        trainer.callbacks[:0] = [clock, *extra]
         trainer.fit(model, datamodule=datamodule)
         if trainer.global_step != steps:
             raise SystemExit(f"a turn made {trainer.global_step} optimizer steps, not {steps}")
@@ -117,6 +127,7 @@ def measure(args, tmp: Path) -> None:
     loops = {
         "bare Trainer, 10 a call": lambda turn: lightning_turn(lambda t: bare_trainer(10, t), turn),
         "vaelab, 10 a call": lambda turn: lightning_turn(lambda t: vaelab_trainer(10, t), turn),
+        "vaelab, 10 a call, step hooks": lambda turn: lightning_turn(lambda t: vaelab_trainer(10, t), turn, StepHook()),
         "vaelab, 1 a call": lambda turn: lightning_turn(lambda t: vaelab_trainer(1, t), turn),
     }
     ms = {name: [] for name in ["plain", *loops]}

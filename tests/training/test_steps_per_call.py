@@ -3,6 +3,7 @@ training as one step a call, bit for bit, under every setting that Lightning dec
 the step and batch counts, every logged value and its step, each validation's place, the checkpoints and their loop
 state, the console's epoch mean, the KL warm-up, and a resume from a checkpoint written inside an epoch."""
 
+import collections
 import logging
 
 import pytest
@@ -10,10 +11,12 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
+from pytorch_lightning.plugins.precision import MixedPrecision
 
 from conftest import dense_vae
 from vaelab.data.tensors import TensorBatches
 from vaelab.training.console import Console
+from vaelab.training.module import STEP_HOOKS, _hooks_unused
 
 
 class Recorder(Logger):
@@ -54,7 +57,7 @@ class Seen(pl.Callback):
 IMAGES = torch.bernoulli(torch.rand(60, 1, 4, 4, generator=torch.Generator().manual_seed(1)))
 
 
-def fit(tmp_path, steps_per_call, every_n_train_steps=None, ckpt_path=None, **settings):
+def fit(tmp_path, steps_per_call, every_n_train_steps=None, ckpt_path=None, extra_callbacks=(), **settings):
     torch.manual_seed(0)
     module = dense_vae(kl_warmup_epochs=1)
     module.steps_per_call = steps_per_call
@@ -65,7 +68,7 @@ def fit(tmp_path, steps_per_call, every_n_train_steps=None, ckpt_path=None, **se
     trainer = pl.Trainer(
         **{"max_epochs": 3, "log_every_n_steps": 4, **settings},
         logger=recorder,
-        callbacks=[seen, console, checkpoints],
+        callbacks=[seen, console, checkpoints, *extra_callbacks],
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
@@ -121,14 +124,79 @@ def test_bf16_autocast_that_caches_weight_casts_trains_as_one_step_a_call(tmp_pa
     2.6.6 makes it without a cast cache; one that caches the weights' bf16 copies (torch's default, and what later
     Lightning versions do in forward_context) would give every step after a call's first the weights of before its
     optimizer steps, unless the cache is cleared after each step, as VAEModule does."""
-    from pytorch_lightning.plugins.precision import MixedPrecision
-
     caching = lambda plugin: torch.autocast(plugin.device, dtype=torch.bfloat16, cache_enabled=True)  # noqa: E731
     monkeypatch.setattr(MixedPrecision, "autocast_context_manager", caching)
     one, *_ = fit(tmp_path / "one", 1, precision="bf16-mixed", max_epochs=1)
     many, *_ = fit(tmp_path / "many", 5, precision="bf16-mixed", max_epochs=1)
     for chunked, single in zip(many.parameters(), one.parameters(), strict=True):
         torch.testing.assert_close(chunked, single, rtol=0, atol=0)
+
+
+class StepHooks(pl.Callback):
+    """Counts Lightning's step hooks. A callback with any of them has VAEModule step through Lightning."""
+
+    def __init__(self):
+        self.calls = collections.Counter()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.calls["on_before_backward"] += 1
+
+    def on_after_backward(self, trainer, pl_module):
+        self.calls["on_after_backward"] += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.calls["on_before_optimizer_step"] += 1
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_direct_steps_train_as_lightnings_backward_and_optimizer_step(tmp_path, precision):
+    """With no step hook to dispatch, VAEModule calls loss.backward() and the optimizer's step itself: the same
+    weights, optimizer state, step counts, logs and checkpoints as through manual_backward and Lightning's step."""
+    hooks = StepHooks()
+    direct, trainer, log, seen, lines = fit(tmp_path / "direct", 5, precision=precision, max_epochs=2)
+    hooked, hooked_trainer, hooked_log, hooked_seen, hooked_lines = fit(
+        tmp_path / "hooked", 5, precision=precision, max_epochs=2, extra_callbacks=[hooks]
+    )
+    assert direct._direct_steps and not hooked._direct_steps
+    assert trainer.global_step == hooked_trainer.global_step == 18
+    assert dict(hooks.calls) == dict.fromkeys(STEP_HOOKS, 18)  # every step still dispatched them, once
+    for a, b in zip(direct.parameters(), hooked.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state, hooked_state = (t.optimizers[0].state_dict()["state"] for t in (trainer, hooked_trainer))
+    for key in state:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(state[key][name], hooked_state[key][name], rtol=0, atol=0)
+    assert (log.rows, seen.saved, seen.validations, lines) == (
+        hooked_log.rows,
+        hooked_seen.saved,
+        hooked_seen.validations,
+        hooked_lines,
+    )
+
+
+def _hooks_unused_in(module, **settings) -> bool:
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, **settings)
+    return _hooks_unused(trainer, module)
+
+
+def test_direct_steps_only_where_lightning_would_add_nothing_but_dispatches():
+    """A profiler, a gradient scaler, a module's own backward or step hook, or a callback's: Lightning's own path."""
+
+    class OwnBackward(type(dense_vae())):
+        def backward(self, loss, *args, **kwargs):
+            loss.backward()
+
+    class OwnHook(type(dense_vae())):
+        def on_before_optimizer_step(self, optimizer):
+            pass
+
+    assert _hooks_unused_in(dense_vae()) and _hooks_unused_in(dense_vae(), precision="bf16-mixed")
+    assert not _hooks_unused_in(dense_vae(), profiler="simple")
+    assert not _hooks_unused_in(dense_vae(), callbacks=[StepHooks()])
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    assert not _hooks_unused_in(dense_vae(), plugins=[scaled])
+    settings = dict(dense_vae().hparams)
+    assert not _hooks_unused_in(OwnBackward(**settings)) and not _hooks_unused_in(OwnHook(**settings))
 
 
 def test_a_run_resumed_from_a_checkpoint_inside_an_epoch_continues_alike(tmp_path, caplog):
