@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import TensorBoardLogger
 
+from conftest import dense_vae
+from vaelab.data.tensors import TensorBatches
 from vaelab.training.timing import EpochTiming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,11 +160,34 @@ def test_the_timing_counts_each_optimizer_step_of_a_call_of_several(tmp_path):
         assert epoch["steps/forward and loss"] > epoch["steps/batch fetch, Lightning"]  # 9 forwards, 3 calls' fetch
 
 
-@pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports and six trainers' set-up
+@pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports and eight trainers' set-up
 def test_the_steps_per_call_benchmark_times_each_loop_over_the_plain_one():
     out = benchmark("steps_per_call.py", "--quick")  # it fails when a turn makes other than its 5 steps
     assert re.search(r"^batch 8, 5 steps a turn, 2 rounds; CPU ms per step", out, re.M)
     figure = r"-?\d+\.\d{3} \(-?\d+\.\d{3}--?\d+\.\d{3}\)"
     assert re.search(rf"^plain: {figure}$", out, re.M)
-    for loop in ("bare Trainer, 10 a call", "vaelab, 10 a call", "vaelab, 1 a call"):
+    for loop in ("bare Trainer, 10 a call", "vaelab, 10 a call", "vaelab, 10 a call, step hooks", "vaelab, 1 a call"):
         assert re.search(rf"^{loop}: {figure}; over plain {figure}$", out, re.M), loop
+
+
+def test_the_timing_splits_vaelabs_steps_and_leaves_them_direct(tmp_path):
+    """EpochTiming tells forward, backward and the optimizer step apart without Lightning's step hooks, so VAEModule
+    still steps without their dispatches (as in a run without the timing) while it is timed."""
+    timing, module = EpochTiming(), dense_vae()
+    module.steps_per_call = 5
+    trainer = pl.Trainer(
+        max_epochs=2,
+        callbacks=[timing],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    images = torch.rand(60, 1, 4, 4)
+    trainer.fit(module, train_dataloaders=TensorBatches(images, torch.zeros(60), batch_size=7, shuffle=True))
+    assert module._direct_steps and timing.steps == [9, 9]
+    for epoch in timing.epochs:
+        for part in ("forward and loss", "backward", "optimizer step", "batch fetch, Lightning"):
+            assert epoch[f"steps/{part}"] > 0, part
+    assert "zero_grad" not in vars(trainer.optimizers[0])  # the optimizer's own method again after training

@@ -7,8 +7,9 @@
 
 Every moment from the first epoch's start to the end of training is charged to exactly one part of one epoch: to the
 innermost timed call running (another callback's hook, a logger's method, a TensorBoard writer's add_* or flush), else
-to the phase of the epoch the trainer is in. Groups: `steps` (the training batches: forward and loss (zero_grad
-included), backward, the optimizer step, and fetching the next batch with Lightning's work between steps) and `epoch end`
+to the phase of the epoch the trainer is in. Groups: `steps` (the training batches: forward and loss, backward (from the
+optimizer's zero_grad), the optimizer step, and fetching the next batch with Lightning's work between steps; under
+automatic optimisation, as for gradient clipping, the optimizer step is charged to backward) and `epoch end`
 (validation, and Lightning's work after it); a timed call is charged to the group it runs in, so a callback's per-step
 hooks and its epoch-end hooks show apart. An epoch runs from this callback's on_train_epoch_start to the next one (or to
 on_train_end). Time inside `paused()` is charged to nobody (a benchmark runs other loops there).
@@ -68,6 +69,7 @@ class EpochTiming(pl.Callback):
         self._cpu_last = time.process_time()
         self._wrapped = False
         self._step_hooks: list = []  # the optimizers' step hooks, while training
+        self._optimizers: list = []  # the optimizers whose zero_grad is marked, while training
 
     # --- the accounting ---------------------------------------------------------------------------------------
     def _charge(self) -> None:
@@ -183,19 +185,33 @@ class EpochTiming(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._enter_phase(STEPS, FORWARD)
 
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        self._enter_phase(STEPS, BACKWARD)
-
-    def on_after_backward(self, trainer, pl_module) -> None:
-        self._enter_phase(STEPS, OPTIMIZER)
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._enter_phase(STEPS, BETWEEN)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # One call of VAEModule's training_step can make several steps, with no hook between one step's end and the
-        # next forward: the optimizer's own step hook says when each ends, and counts them.
-        self._step_hooks = [optimizer.register_step_post_hook(self._after_step) for optimizer in trainer.optimizers]
+        # One call of VAEModule's training_step can make several steps, with no Lightning hook between them, and with
+        # no callback's step hook (on_before_backward, ...) it steps without Lightning's dispatches: so the phases are
+        # told by the optimizer itself. zero_grad comes between the loss and its backward under either optimisation.
+        # (Lightning's wrappers of the optimizers, which training_step gets, call zero_grad as their own method.)
+        wrappers = pl_module.optimizers(use_pl_optimizer=True)
+        self._optimizers = [*trainer.optimizers, *(wrappers if isinstance(wrappers, list) else [wrappers])]
+        for optimizer in self._optimizers:
+            optimizer.zero_grad = self._marking(optimizer.zero_grad, BACKWARD)
+        manual = not pl_module.automatic_optimization  # automatic: the step's pre-hook runs before the closure
+        self._step_hooks = [
+            *(optimizer.register_step_pre_hook(self._before_step) for optimizer in trainer.optimizers if manual),
+            *(optimizer.register_step_post_hook(self._after_step) for optimizer in trainer.optimizers),
+        ]
+
+    def _marking(self, method, phase: str):
+        def marked(*args, **kwargs):
+            self._enter_phase(STEPS, phase)
+            return method(*args, **kwargs)
+
+        return marked
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        self._enter_phase(STEPS, OPTIMIZER)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._enter_phase(STEPS, FORWARD)
@@ -213,6 +229,8 @@ class EpochTiming(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for hook in self._step_hooks:
             hook.remove()
+        for optimizer in self._optimizers:
+            del optimizer.zero_grad  # its own method again
         self._close_epoch()
         self._record, self._cpu_record = {}, None  # what follows (the test stage) is no epoch's
         self.ended_at = time.perf_counter()
