@@ -19,7 +19,8 @@ Fashion-MNIST training images, then validate on the same 5,000, every epoch:
   /dev/null, so its progress bar is off, as in any run whose output goes to a file or a pipe.
 They alternate A B C A B C ...: the other two run their epoch k at the start of vaelab's epoch k, in time charged to
 none of vaelab's epochs (EpochTiming.paused). Epoch 0 warms each loop up and is not counted. All run on --threads
-torch threads. vaelab.training.timing.EpochTiming, first among the trainer's callbacks, breaks vaelab's epochs into
+torch threads, with no GPU visible, as vaelab-train trains on the CPU (vaelab.runs.hardware.gpus_hidden; a loop without
+Lightning does not pay the per-step CUDA check that Lightning's PYTORCH_NVML_BASED_CUDA_CHECK makes slow either). vaelab.training.timing.EpochTiming, first among the trainer's callbacks, breaks vaelab's epochs into
 parts; the same-levers and hand-written loops time the same parts of theirs (forward, backward, optimizer, batch fetch,
 validation) with perf_counter.
 
@@ -56,6 +57,7 @@ from omegaconf import OmegaConf, open_dict
 from vaelab import CONF_DIR
 from vaelab.data.tensors import seeded_order
 from vaelab.model.likelihoods import bernoulli_nll
+from vaelab.runs.hardware import gpus_hidden
 from vaelab.training.timing import BACKWARD, BETWEEN, EPOCH_END, FORWARD, OPTIMIZER, STEPS, VALIDATION, EpochTiming
 
 REPO = Path(__file__).resolve().parents[1]
@@ -488,7 +490,8 @@ def same_levers_epoch(args) -> None:
     """--same-levers-epoch (for --run): one epoch of the same-levers loop, its wall and CPU seconds as a JSON line."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = compose_train([f"batch_size={args.batch_sizes[0]}", f"threads={args.threads}"], Path(tmp))
-    epoch = SameLevers(cfg, args.batch_sizes[0], args.quick).epoch()
+    with gpus_hidden(True):  # as without Lightning's PYTORCH_NVML_BASED_CUDA_CHECK (vaelab-train hides them on the CPU)
+        epoch = SameLevers(cfg, args.batch_sizes[0], args.quick).epoch()
     print(json.dumps({"wall": epoch.seconds("wall"), "cpu": epoch.seconds("cpu")}))
 
 

@@ -35,6 +35,8 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from epoch_time import compose_train  # noqa: E402  the config, as epoch_time builds it
 
+from vaelab.runs.hardware import gpus_hidden  # noqa: E402
+
 
 class EpochClock(pl.Callback):
     """CPU milliseconds per step of each training epoch."""
@@ -64,7 +66,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--quick", action="store_true", help="5 steps a turn, 2 rounds: for the tests")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:  # the turns' run directories (checkpoints, events): removed at the end
+    # Every loop as vaelab-train trains on the CPU: with no GPU visible (vaelab.runs.hardware.gpus_hidden).
+    with tempfile.TemporaryDirectory() as folder, gpus_hidden(True):  # the turns' run directories: removed at the end
         measure(args, Path(folder))
 
 

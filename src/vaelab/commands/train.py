@@ -24,6 +24,7 @@ from vaelab.files import atomic_write
 from vaelab.progress import logs_above_bars
 from vaelab.runs import resume as resuming
 from vaelab.runs import settings
+from vaelab.runs.hardware import gpus_hidden, use_threads
 from vaelab.runs.resume import ResumePoint, Start, check_networks, fit_is_done, read_training_checkpoint
 from vaelab.runs.rundir import take_folders_elsewhere
 from vaelab.runs.sweep import objective, parallel_threads
@@ -131,7 +132,6 @@ def build_parts(start: Start):
 
     from vaelab.runs.checkpoints import check_fits, check_optimizer_state, vae_weights
     from vaelab.runs.guards import for_run
-    from vaelab.runs.hardware import use_threads
     from vaelab.training.console import silence_clutter
     from vaelab.training.data import LightningData
 
@@ -158,18 +158,21 @@ def build_parts(start: Start):
 
 def fit_and_test(start: Start, model, datamodule, trainer) -> dict[str, float]:
     """The final val/* and test/* metrics, and their bits per dimension."""
+    from pytorch_lightning.accelerators import CPUAccelerator
+
     from vaelab.runs.guards import interruptions
 
     cfg, point = start.cfg, start.point
     fit_done = fit_is_done(cfg, point)
-    with interruptions(trainer, start.run_dir):
+    on_cpu = isinstance(trainer.accelerator, CPUAccelerator)
+    with interruptions(trainer, start.run_dir), gpus_hidden(on_cpu):
         trainer.fit(model, datamodule=datamodule, ckpt_path=point.path if point else None, weights_only=True)
     metrics = (
         point.val_metrics if fit_done else {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     )
     if cfg.test_after_fit and not trainer.interrupted:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        with interruptions(trainer, start.run_dir):
+        with interruptions(trainer, start.run_dir), gpus_hidden(on_cpu):
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False, weights_only=True)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     metrics.update({f"{key}_bpd": model.vae.bits_per_dim(metrics[key]) for key in BPD_KEYS if key in metrics})

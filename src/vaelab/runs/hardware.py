@@ -3,6 +3,9 @@ settings ask for is here (an accelerator, a device, a logger's package), checked
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -50,6 +53,30 @@ def use_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(int(threads))
+
+
+@contextlib.contextmanager
+def gpus_hidden(hide: bool) -> Iterator[None]:
+    """With `hide`: no GPU visible to this process for the duration (CUDA_VISIBLE_DEVICES empty), the variable as it
+    was after; for a trainer on the CPU. torch's Adam asks at every step whether CUDA is usable (its graph-capture
+    check), and under Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 torch works that out afresh through NVML each time
+    until CUDA is initialized: 0.23 ms a step at batch 32 and 0.35 ms at batch 128 of CPU time on a 2-core AMD EPYC
+    without a GPU, 7-9% of the step. With no device visible it answers from the variable. Once CUDA is initialized
+    torch keeps the count: nothing to do then."""
+    import torch
+
+    if not hide or torch.cuda.is_initialized():
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
 
 
 def resolve_device(name: str):
