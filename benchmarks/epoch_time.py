@@ -9,7 +9,7 @@ Fashion-MNIST training images, then validate on the same 5,000, every epoch:
 - hand-written: pytorch/examples' VAE loop (vae/main.py) around those networks: torchvision's FashionMNIST through a
   shuffled DataLoader (ToTensor per image), Adam with its defaults, fp32, loss.item() every step, a line printed every
   10 batches, validation in batches of the training size, and its two pictures saved every epoch;
-- same-levers: that loop with the levers vaelab pulls: vaelab's in-memory tensors gathered into batches, the
+- same-levers: that loop with the levers vaelab pulls: vaelab's in-memory tensors gathered into batches (index_select), the
   configured optimizer (fused Adam), vaelab's Bernoulli NLL (BCE-with-logits without torch's slow CPU log1p),
   vaelab's precision (bf16 autocast where the CPU has bf16 instructions), no host sync per step, inference mode,
   validation in data.eval_batch_size batches computing what vaelab's does (the loss, its parts, the noisy-input
@@ -244,7 +244,7 @@ class SameLevers(BareLoop):
     def train_steps(self) -> int:
         batches = torch.randperm(len(self.images), generator=self.generator).split(self.batch_size)[: self.max_batches]
         for index in batches:
-            x = self.images[index]
+            x = self.images.index_select(0, index)  # as vaelab.data.tensors.TensorBatches gathers
             self.lap(f"{STEPS}/{BETWEEN}")
             self.optimizer.zero_grad()
             with self.autocast():

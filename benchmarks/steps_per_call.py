@@ -109,7 +109,7 @@ def measure(args, tmp: Path) -> None:
         order = torch.randperm(len(images))[: steps * args.batch_size].split(args.batch_size)
         started = time.process_time()
         for index in order:
-            x = images[index]
+            x = images.index_select(0, index)  # as vaelab.data.tensors.TensorBatches gathers
             optimizer.zero_grad()
             with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 target = vae.target(x)  # as VAEModule: one target for input and reconstruction
