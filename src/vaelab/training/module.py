@@ -219,10 +219,7 @@ class VAEModule(pl.LightningModule):
                 iwae = bounds(vae, target, mu, logvar, hp.eval_iwae_samples, generator=generator, labels=y)["nll_iwae"]
                 parts["nll_iwae"] = iwae.mean()
         for key, value in parts.items():
-            mean = self.eval_means[f"{stage}_{key}"]
-            mean.update(value.detach().float(), weight=x.shape[0])
-            # val/loss in the progress bar too, beside train/loss
-            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True, prog_bar=stage == "val" and key == "loss")
+            self.eval_means[f"{stage}_{key}"].update(value.detach().float(), weight=x.shape[0])
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch[0], "val", batch[1])
@@ -230,19 +227,25 @@ class VAEModule(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._eval_step(batch[0], "test", batch[1])
 
-    def _log_bits_per_dim(self, stage: str) -> None:
-        """<stage>/nelbo_bpd and <stage>/nll_iwae_bpd, from the epoch's per-image means (already summed over the
-        ranks by torchmetrics: every rank logs the same value), for the figures computed this epoch."""
-        for key in BPD_KEYS:
+    def _log_epoch(self, stage: str) -> None:
+        """<stage>/<key> for each figure computed this epoch, its per-image mean (Lightning computes the metric, which
+        torchmetrics sums over the ranks, and resets it), logged once at the epoch's end: a self.log per batch and
+        figure cost more than the metrics' updates. And <stage>/nelbo_bpd and <stage>/nll_iwae_bpd from those means
+        (every rank logs the same value)."""
+        for key in EVAL_KEYS:
             mean = self.eval_means[f"{stage}_{key}"]
-            if mean.update_called:  # val/nll_iwae only every val_iwae_every_n_epochs epochs; none for the notebook
+            if not mean.update_called:  # val/nll_iwae only every val_iwae_every_n_epochs epochs; none for the notebook
+                continue
+            # val/loss in the progress bar too, beside train/loss
+            self.log(f"{stage}/{key}", mean, on_step=False, on_epoch=True, prog_bar=stage == "val" and key == "loss")
+            if key in BPD_KEYS:
                 self.log(f"{stage}/{key}_bpd", self.vae.bits_per_dim(mean.compute()), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        self._log_bits_per_dim("val")
+        self._log_epoch("val")
 
     def on_test_epoch_end(self) -> None:
-        self._log_bits_per_dim("test")
+        self._log_epoch("test")
 
     def configure_optimizers(self):
         make = instantiate(self.hparams.optimizer)  # a partial: the config holds its settings
