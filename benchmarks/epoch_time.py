@@ -9,19 +9,20 @@ Fashion-MNIST training images, then validate on the same 5,000, every epoch:
 - hand-written: pytorch/examples' VAE loop (vae/main.py) around those networks: torchvision's FashionMNIST through a
   shuffled DataLoader (ToTensor per image), Adam with its defaults, fp32, loss.item() every step, a line printed every
   10 batches, validation in batches of the training size, and its two pictures saved every epoch;
-- same-levers: that loop with the levers vaelab pulls: vaelab's in-memory tensors gathered into batches (index_select), the
-  configured optimizer (fused Adam), vaelab's Bernoulli NLL (BCE-with-logits without torch's slow CPU log1p),
-  vaelab's precision (bf16 autocast where the CPU has bf16 instructions), no host sync per step, inference mode,
-  validation in data.eval_batch_size batches computing what vaelab's does (the loss, its parts, the noisy-input
-  error); no pictures, checkpoints or logging;
+- same-levers: that loop with the levers vaelab pulls: vaelab's in-memory tensors gathered into batches
+  (index_select), the configured optimizer (fused Adam), vaelab's Bernoulli NLL (BCE-with-logits without torch's slow
+  CPU log1p), vaelab's precision (bf16 autocast where the CPU has bf16 instructions), no host sync per step,
+  inference mode, validation in data.eval_batch_size batches computing what vaelab's does (the loss, its parts, the
+  noisy-input error); no pictures, checkpoints or logging;
 - vaelab: vaelab.commands.train.train() on the default config, its parts built by vaelab-train's own build_parts
   (every default callback, picture, checkpoint, the TensorBoard logger), in this process. Its output goes to
   /dev/null, so its progress bar is off, as in any run whose output goes to a file or a pipe.
 They alternate A B C A B C ...: the other two run their epoch k at the start of vaelab's epoch k, in time charged to
 none of vaelab's epochs (EpochTiming.paused). Epoch 0 warms each loop up and is not counted. All run on --threads
 torch threads, with no GPU visible, as vaelab-train trains on the CPU (vaelab.runs.hardware.gpus_hidden; a loop without
-Lightning does not pay the per-step CUDA check that Lightning's PYTORCH_NVML_BASED_CUDA_CHECK makes slow either). vaelab.training.timing.EpochTiming, first among the trainer's callbacks, breaks vaelab's epochs into
-parts; the same-levers and hand-written loops time the same parts of theirs (forward, backward, optimizer, batch fetch,
+Lightning does not pay the per-step CUDA check that Lightning's PYTORCH_NVML_BASED_CUDA_CHECK makes slow either).
+vaelab.training.timing.EpochTiming, first among the trainer's callbacks, breaks vaelab's epochs into parts; the
+same-levers and hand-written loops time the same parts of theirs (forward, backward, optimizer, batch fetch,
 validation) with perf_counter.
 
 --train-batches N: each loop trains N batches an epoch (vaelab: trainer.limit_train_batches=N), validating in full: the
