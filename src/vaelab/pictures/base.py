@@ -24,6 +24,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 
 from vaelab.data.tensors import seeded_order
 from vaelab.errors import UserError
+from vaelab.event_files import use_fast_checksums
 from vaelab.model.vae import VAE
 from vaelab.pictures.png import encode_png, make_grid, png_pixels
 
@@ -89,6 +90,7 @@ class PictureCallback(Callback):
         return torch.bernoulli(images, generator=torch.Generator(device=images.device).manual_seed(self.seed)), labels
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        use_fast_checksums()  # the pictures are most of an event file's bytes (vaelab.event_files)
         datamodule = getattr(trainer.datamodule, "data", None)  # the plain source (vaelab.training.data.LightningData)
         if datamodule is None or not hasattr(datamodule, "val_set"):
             raise UserError(

@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from vaelab.errors import UserError, one_line
+from vaelab.event_files import use_fast_checksums
 from vaelab.files import atomic_write
 from vaelab.runs.renames import RETIRED, renamed
 from vaelab.runs.rundir import check_run, claim, lock, take_folders_elsewhere
@@ -178,6 +179,7 @@ def first_step_logged_after(log_dir: Path, point: ResumePoint) -> int | None:
     """The step from which TensorBoard must forget what the interrupted run logged after its checkpoint."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+    use_fast_checksums()  # every record's checksum is checked as it is read
     files = sorted(Path(log_dir).glob("events.out.tfevents.*"))
     if point.path is None:
         return 0 if files else None  # restarted from scratch: everything the killed run logged goes
