@@ -189,7 +189,7 @@ def label_column(texts: list[str], cell: int, height: int) -> torch.Tensor:
 
     font, spacing = ImageFont.load_default(), 1
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
-    box = lambda text: measure.multiline_textbbox((0, 0), text, font=font, spacing=spacing)
+    box = functools.cache(lambda text: measure.multiline_textbbox((0, 0), text, font=font, spacing=spacing))  # once a text
     texts = [text if box(text)[3] - box(text)[1] <= cell else text.splitlines()[0] for text in texts]
     strip = Image.new("RGB", (max(box(text)[2] for text in texts) + 2 * PADDING, height), "white")
     draw = ImageDraw.Draw(strip)
