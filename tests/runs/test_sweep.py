@@ -293,6 +293,37 @@ def test_a_stopped_joblib_sweep_stops_its_workers_and_marks_its_jobs(tmp_path, s
     assert "2 interrupted" in (sweep_dir / "summary.md").read_text()
 
 
+def test_a_stopping_sweep_leaves_lokys_helpers_alone(tmp_path):
+    """What the stop ends last is every child but loky's helpers (its process-tree kill runs pgrep from the sweep's
+    process meanwhile; ended, loky prints a traceback): a pgrep, and a fork of the sweep's process not yet exec'd
+    (the pgrep a moment earlier, its command line still the sweep's). A worker (another program) is not one."""
+    import shutil
+    import subprocess
+
+    from vaelab.runs import workers
+
+    (tmp_path / "pgrep").symlink_to(shutil.which("sleep"))  # a process the kernel names pgrep
+    named, worker = (subprocess.Popen([program, "60"]) for program in (str(tmp_path / "pgrep"), shutil.which("sleep")))
+    read, write = os.pipe()
+    forked = os.fork()
+    if forked == 0:  # a fork that has not exec'd: it waits for the pipe to close, then ends running nothing
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    os.close(read)
+    try:
+        assert set(workers.children()) >= {named.pid, worker.pid, forked}
+        assert workers.helper(named.pid) and workers.helper(forked)
+        assert not workers.helper(worker.pid)
+    finally:
+        os.close(write)
+        os.waitpid(forked, 0)
+        for process in (named, worker):
+            process.kill()
+            process.wait()
+    assert not workers.helper(forked)  # gone: nothing to leave alone
+
+
 def test_a_pruned_job_is_summarised_as_pruned_and_fails_nothing(tmp_path, caplog):
     """SweepSummary (no training): a job whose result is vaelab.runs.pruning.Pruned is `pruned`, with the epochs it
     trained, ranked after the finished jobs, and a sweep that fails on failed jobs still ends well."""

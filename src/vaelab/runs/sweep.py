@@ -303,8 +303,8 @@ class SweepSummary(Callback):
         running = lambda: [r for r in collect(sweep_dir) if r["status"] == "running"]  # noqa: E731
         while time.monotonic() < deadline and running() and any(workers.alive(pid) for pid in started):
             time.sleep(0.2)
-        for pid in workers.children():  # workers that took the next job meanwhile, loky's helpers
-            if workers.command(pid) == "pgrep":  # loky's own process-tree kill: ended, it makes loky print a traceback
+        for pid in workers.children():  # workers that took the next job meanwhile (not loky's helpers)
+            if workers.helper(pid):
                 continue
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)

@@ -66,11 +66,16 @@ def children() -> list[int]:
     return pids
 
 
-def command(pid: int) -> str:
+def helper(pid: int) -> bool:
+    """Whether this process's child `pid` is one of loky's helpers, not a worker: its process-tree kill's `pgrep`, or
+    a fork of this process that has not yet become the program it runs (its command line still this process's: a
+    pgrep or any other command a moment before its exec). Ended, loky's kill fails and prints a traceback."""
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
+        if Path(f"/proc/{pid}/comm").read_text().strip() == "pgrep":
+            return True
+        return Path(f"/proc/{pid}/cmdline").read_bytes() == Path(f"/proc/{os.getpid()}/cmdline").read_bytes()
     except OSError:
-        return ""
+        return False
 
 
 def alive(pid: int) -> bool:
