@@ -60,7 +60,7 @@ def gpus_hidden(hide: bool) -> Iterator[None]:
     """With `hide`: no GPU visible to this process for the duration (CUDA_VISIBLE_DEVICES empty), the variable as it
     was after; for a trainer on the CPU. torch's Adam asks at every step whether CUDA is usable (its graph-capture
     check), and under Lightning's PYTORCH_NVML_BASED_CUDA_CHECK=1 torch works that out afresh through NVML each time
-    until CUDA is initialized: 0.23 ms a step at batch 32 and 0.35 ms at batch 128 of CPU time on a 2-core AMD EPYC
+    until CUDA is initialized: 0.23 ms a step at batch 32 and 0.37 ms at batch 128 of CPU time on a 2-core AMD EPYC
     without a GPU, 7-9% of the step. With no device visible it answers from the variable. Once CUDA is initialized
     torch keeps the count: nothing to do then."""
     import torch
