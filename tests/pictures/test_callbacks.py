@@ -67,7 +67,8 @@ def png_name(tag: str, suffix: str) -> str:
 def latent16_run(tmp_path_factory) -> Path:
     """Every picture on; lr 1e-2 so that 40 steps already give reconstructions that resemble their inputs."""
     run = tmp_path_factory.mktemp("pictures") / "latent16"
-    train_run(run, "epochs=2", "latent_dim=16", "lr=1e-2", "noise_factor=0.3")
+    # pictures are drawn where validation runs: here every epoch (by default every 5 and in the last)
+    train_run(run, "epochs=2", "latent_dim=16", "lr=1e-2", "noise_factor=0.3", "trainer.check_val_every_n_epoch=1")
     return run
 
 
@@ -83,6 +84,7 @@ def latent2_run(tmp_path_factory) -> Path:
         "lr=1e-2",
         "noise_factor=0",
         "trainer=ddp",
+        "trainer.check_val_every_n_epoch=1",
         "~callbacks.samples",
         "callbacks.interpolation.method=spherical",
         "callbacks.noisy_reconstructions.every_n_epochs=2",

@@ -95,7 +95,9 @@ def test_last_ckpt_is_the_last_epoch_even_past_the_best_one(tmp_path):
     callback writes it every epoch, so a resume continues from the epoch a run stopped at, not from its best.
     mode=max makes epoch 0 the best (val/loss falls in early epochs), so epoch 1 saves no best file."""
     run_dir = tmp_path / "run"
-    train_run(run_dir, "epochs=2", "callbacks.model_checkpoint.mode=max", "test_after_fit=false")
+    train_run(
+        run_dir, "epochs=2", "callbacks.model_checkpoint.mode=max", "test_after_fit=false", "trainer.check_val_every_n_epoch=1"
+    )
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["best-epoch000.ckpt", "last.ckpt"]
     last = torch.load(checkpoints / "last.ckpt", weights_only=True)

@@ -78,6 +78,7 @@ class VAEModule(pl.LightningModule):
         self._checkpoint_every: list[int] = []  # every_n_train_steps of the run's checkpoint callbacks (on_train_start)
         self._direct_steps = False  # backward and optimizer step without Lightning's hook dispatches (on_train_start)
         self._eval_generator: torch.Generator | None = None
+        self._val_every: int | None = None  # trainer.check_val_every_n_epoch while the final epoch validates
         # Per-image means of validation and test figures (weighted by batch size; torchmetrics syncs them under DDP).
         # nan_strategy="disable": a NaN must reach the mean (the guard stops on it; torchmetrics' default drops it),
         # and no per-batch check means no host sync per batch.
@@ -197,6 +198,27 @@ class VAEModule(pl.LightningModule):
         # ModelCheckpoint(every_n_train_steps=N) checks global_step % N at a call's end
         self._checkpoint_every = [n for c in self.trainer.checkpoint_callbacks if (n := getattr(c, "_every_n_train_steps", 0))]
         self._direct_steps = _hooks_unused(self.trainer, self)
+
+    # --- the validation schedule ------------------------------------------------------------------
+    # Validation every few epochs (trainer.check_val_every_n_epoch, conf/trainer/cpu.yaml) spares the others its cost;
+    # the epoch a run ends in validates anyway (the last of max_epochs, one that reaches max_steps at its end, or a stop
+    # asked for, e.g. by early stopping or max_time), so every run ends with the val figures, pictures and best
+    # checkpoint of its final weights. Lightning decides whether to validate after this hook (and after every
+    # callback's on_train_batch_end, so a stop asked for there counts).
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        trainer = self.trainer
+        every = trainer.check_val_every_n_epoch
+        if every is None or every == 1:
+            return
+        max_epochs, last_batch = trainer.max_epochs, trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        last_epoch = max_epochs is not None and max_epochs >= 0 and trainer.current_epoch >= max_epochs - 1
+        steps_done = 0 <= trainer.max_steps <= trainer.global_step
+        if trainer.should_stop or (last_batch and (last_epoch or steps_done)):
+            self._val_every, trainer.check_val_every_n_epoch = every, 1  # this epoch only (on_train_epoch_end)
+
+    def on_train_epoch_end(self) -> None:
+        if self._val_every is not None:
+            self.trainer.check_val_every_n_epoch, self._val_every = self._val_every, None
 
     # --- validation and test -----------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
