@@ -2,7 +2,7 @@
 alternated epoch by epoch in one process, with vaelab's epoch broken into its parts.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/epoch_time.py [--batch-sizes 128 32] [--repeats 5] [--threads 1]
-        [--run [--run-repeats 3]] [--train-batches N] [--quick]
+        [--run [--run-repeats 3]] [--default-run [--default-runs 2]] [--no-loops] [--train-batches N] [--quick]
 
 The loops train the default model (conf/model/dense.yaml, its networks built from the config) on the same 55,000
 Fashion-MNIST training images, then validate on the same 5,000, every epoch:
@@ -28,6 +28,13 @@ validation) with perf_counter.
 --train-batches N: each loop trains N batches an epoch (vaelab: trainer.limit_train_batches=N), validating in full: the
 turns are shorter, so a burst of load on a shared machine falls on fewer of them and the per-step figures steady (the
 epoch-end shares are then of the shorter epoch).
+
+vaelab validates every epoch here (trainer.check_val_every_n_epoch=1), as the other two loops do, so the three epochs
+hold the same work. vaelab-train's default validates every 5 epochs and in the last: --default-run measures that.
+
+--default-run: vaelab-train's default run itself (10 epochs of batch 128, validation in epochs 5 and 10), in this
+process with EpochTiming, --default-runs times: what its epoch ends (validation, pictures, checkpoints, TensorBoard
+writes) cost over the whole run, as a share of its epochs (issue 21, point 2).
 
 --run: a whole run, alternated: `vaelab-train epochs=1` (with and without its test stage) against importing what it
 imports and against one epoch of the same-levers loop in a fresh process (issue 21, point 4).
@@ -311,6 +318,7 @@ def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, fl
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"batch_size={batch_size}", f"epochs={args.repeats + 1}", f"threads={args.threads}"]
+        overrides.append("trainer.check_val_every_n_epoch=1")  # every epoch, as the other loops: the same work
         cfg = compose_train(overrides + quick_overrides(args.quick, args.train_batches), Path(tmp) / "run")
         (Path(tmp) / "hand").mkdir()
         loops = {
@@ -420,6 +428,52 @@ def report_breakdown(batch: int, results: dict[str, list[Epoch]], outside: dict[
     )
 
 
+# --- the default run (--default-run) ---------------------------------------------------------------------------
+def default_run(args) -> None:
+    """vaelab-train with its defaults (at --threads), --default-runs times, each epoch timed by EpochTiming: the epoch
+    ends over the whole run against its epochs, in all and by part."""
+    import vaelab.commands.train as command
+
+    build_parts, runs = command.build_parts, []
+    for repeat in range(args.default_runs):
+        timing = EpochTiming()
+
+        def timed_parts(start, timing=timing):
+            datamodule, model, trainer = build_parts(start)
+            trainer.callbacks.insert(0, timing)
+            return datamodule, model, trainer
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = compose_train([f"threads={args.threads}", *quick_overrides(args.quick, args.train_batches)], Path(tmp) / "run")
+            command.build_parts = timed_parts
+            try:
+                with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                    command.train(cfg)
+            finally:
+                command.build_parts = build_parts
+        epochs = [Epoch(parts, cpu, steps) for parts, cpu, steps in zip(timing.epochs, timing.cpu, timing.steps, strict=True)]
+        runs.append(epochs)
+        validated = [k for k, e in enumerate(epochs) if e.parts.get(f"{EPOCH_END}/{VALIDATION}", 0.0) > 0]
+        end, whole = sum(e.seconds("wall", EPOCH_END) for e in epochs), sum(e.seconds() for e in epochs)
+        say(
+            f"default run {repeat + 1}: {len(epochs)} epochs of {epochs[0].steps} steps in {whole:.2f} s, validation in "
+            f"epochs {', '.join(str(k + 1) for k in validated)} (from 1); epoch ends {end:.3f} s, {100 * end / whole:.1f}% of "
+            f"the epochs (issue 21 point 2: <= 3%); load {load()}"
+        )
+    keys = sorted({key for epochs in runs for e in epochs for key in e.parts if key.startswith(EPOCH_END)}, key=row_order)
+    say("", f"the default run's epoch end by part: seconds an epoch (the run's sum over its epochs), medians of {len(runs)} runs")
+    say("| part | s an epoch | share of the run's epochs |", "|---|---|---|")
+    whole = statistics.median(sum(e.seconds() for e in epochs) / len(epochs) for epochs in runs)
+    for name, fn in [
+        *((key, lambda e, key=key: e.parts.get(key, 0.0)) for key in keys),
+        (f"**{EPOCH_END}: all**", lambda e: e.seconds("wall", EPOCH_END)),
+        ("**whole epoch**", lambda e: e.seconds()),
+    ]:
+        value = statistics.median(sum(map(fn, epochs)) / len(epochs) for epochs in runs)
+        if value >= 5e-4:
+            say(f"| {name} | {value:.3f} | {100 * value / whole:.1f}% |")
+
+
 # --- a whole run (--run) ----------------------------------------------------------------------------------------
 ENTRY_MODULES = ("vaelab.commands.cli", "vaelab.commands.train", "vaelab.runs.rundir", "vaelab.runs.sweep", "vaelab.runs.guards")
 
@@ -503,6 +557,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every loop (default 1: stable ratios)")
     parser.add_argument("--run", action="store_true", help="also the cost of a whole run (slow: minutes)")
     parser.add_argument("--run-repeats", type=int, default=None, help="rounds of --run (default 3; --quick: 1)")
+    parser.add_argument("--default-run", action="store_true", help="also vaelab-train's default run, its epoch ends timed")
+    parser.add_argument("--default-runs", type=int, default=2, help="runs of --default-run (default 2)")
+    parser.add_argument("--no-loops", action="store_true", help="skip the alternated loops (with --run or --default-run)")
     parser.add_argument(
         "--train-batches",
         type=int,
@@ -514,8 +571,8 @@ def main() -> None:
     args = parser.parse_args()
     args.repeats = args.repeats or (2 if args.quick else 5)
     args.run_repeats = args.run_repeats or (1 if args.quick else 3)
-    if min(args.batch_sizes) < 1 or args.repeats < 1 or args.threads < 1 or args.run_repeats < 1:
-        parser.error("--batch-sizes, --repeats, --run-repeats and --threads take positive numbers")
+    if min(args.batch_sizes) < 1 or min(args.repeats, args.threads, args.run_repeats, args.default_runs) < 1:
+        parser.error("--batch-sizes, --repeats, --run-repeats, --default-runs and --threads take positive numbers")
     torch.set_num_threads(args.threads)
     if args.same_levers_epoch:
         return same_levers_epoch(args)
@@ -524,10 +581,14 @@ def main() -> None:
     for name in ("pytorch_lightning", "lightning_fabric"):  # their start-up lines, not the report
         logging.getLogger(name).setLevel(logging.WARNING)
     say(machine(args.threads), "")
-    measured = {batch: measure(batch, args) for batch in args.batch_sizes}
-    report_loops(measured)
-    for batch, (results, outside) in measured.items():
-        report_breakdown(batch, results, outside)
+    if not args.no_loops:
+        measured = {batch: measure(batch, args) for batch in args.batch_sizes}
+        report_loops(measured)
+        for batch, (results, outside) in measured.items():
+            report_breakdown(batch, results, outside)
+    if args.default_run:
+        say("")
+        default_run(args)
     if args.run:
         say("")
         run_costs(args)

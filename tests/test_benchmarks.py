@@ -114,9 +114,11 @@ def benchmark(script: str, *args: str) -> str:
     return done.stdout
 
 
-@pytest.mark.slow  # about 20 s on 2 quiet cores (7 s of imports)
+@pytest.mark.slow  # about 25 s on 2 quiet cores (7 s of imports)
 def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
-    out = benchmark("epoch_time.py", "--quick", "--batch-sizes", "32", "--train-batches", "12")
+    out = benchmark(
+        "epoch_time.py", "--quick", "--batch-sizes", "32", "--train-batches", "12", "--default-run", "--default-runs", "1"
+    )
     assert re.match(r"machine: .+, bf16 instructions: (yes|no) .+torch .+1 torch thread", out)
     for loop in ("hand-written", "same-levers", "vaelab"):
         assert re.search(rf"^\| 32 \| {loop} \| 12 \| \d+\.\d\d \(", out, re.M), loop  # --train-batches 12 an epoch
@@ -129,6 +131,14 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
         assert float(table.get(part, 0)) > 0, part  # vaelab's seconds per epoch in it
     assert "pictures: latent_map" in out  # drawn at the end of training only (latent 256): under half a millisecond
     assert re.search(r"epoch end .+ of its epoch \(issue 21 point 2: <= 3%\)", out)
+    # the default run: 10 epochs, validating in the 5th and the last; its epoch ends over the whole run, by part
+    assert re.search(
+        r"^default run 1: 10 epochs of 12 steps in .+ validation in epochs 5, 10 \(from 1\); epoch ends .+ <= 3%", out, re.M
+    )
+    default = dict(re.findall(r"^\| (?:\*\*)?(epoch end[^|*]*?)(?:\*\*)? \| (\d+\.\d+) \| (?:\d+\.\d)%", out, re.M))
+    assert float(default["epoch end/validation"]) > 0 and float(default["epoch end: all"]) > float(
+        default["epoch end/validation"]
+    )
 
 
 @pytest.mark.slow  # about 15 s on 2 quiet cores, most of it imports

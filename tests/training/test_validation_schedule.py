@@ -61,11 +61,13 @@ def fit(tmp_path, every: int | None, max_epochs: int = 7, stop_in_epoch=None, **
     return module, trainer, seen
 
 
-def finished_epochs(path) -> tuple[int, int]:
-    """A checkpoint's epoch and the batches its loop state says were completed in it."""
+def finished_epochs(path) -> tuple[int, int, int]:
+    """A checkpoint's epoch, the batches its loop state says were completed in it, and the epochs it says were
+    processed (the epoch counts once its training end has run: after its validation, not at it)."""
     checkpoint = torch.load(path, weights_only=True)
-    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["completed"]
-    return checkpoint["epoch"], progress
+    loop = checkpoint["loops"]["fit_loop"]
+    batches = loop["epoch_loop.batch_progress"]["current"]["completed"]
+    return checkpoint["epoch"], batches, loop["epoch_progress"]["current"]["processed"]
 
 
 def test_every_third_epoch_validates_and_so_does_the_last_with_the_same_training(tmp_path):
@@ -76,7 +78,7 @@ def test_every_third_epoch_validates_and_so_does_the_last_with_the_same_training
     assert files == ["best-epoch002.ckpt", "best-epoch005.ckpt", "best-epoch006.ckpt", "last.ckpt"]
     for name, epoch in [("best-epoch002.ckpt", 2), ("best-epoch005.ckpt", 5), ("last.ckpt", 6)]:
         # written at the training epoch's end: every batch of the epoch completed, not inside it
-        assert finished_epochs(tmp_path / "every3" / "checkpoints" / name) == (epoch, STEPS_AN_EPOCH)
+        assert finished_epochs(tmp_path / "every3" / "checkpoints" / name) == (epoch, STEPS_AN_EPOCH, epoch + 1)
     every_epoch, _, seen_every = fit(tmp_path / "every1", every=1)
     assert seen_every.epochs == list(range(7))
     for mine, theirs in zip(module.parameters(), every_epoch.parameters(), strict=True):
