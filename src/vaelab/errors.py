@@ -7,7 +7,8 @@ module level: the console scripts enter exit_cleanly before anything else.
 
 The signal policy, one for every command, installed by the console script's exit_cleanly before any heavy import:
 SIGINT and SIGTERM alike raise Interrupted, whose line says what the command has written or left undone so far
-(`when_stopped`). While Lightning fits or tests, SIGTERM is Lightning's (it ends the batch, then raises: `deferred`,
+(`when_stopped`). While the command imports torch and Lightning, a first stop waits for the import to end (`held`).
+While Lightning fits or tests, SIGTERM is Lightning's (it ends the batch, then raises: `deferred`,
 vaelab.runs.guards.interruptions); a joblib sweep's main process stops its workers first (`stop_with`,
 vaelab.runs.sweep); the kernel ends the workers of a sweep that is gone (vaelab.runs.workers).
 """
@@ -209,11 +210,14 @@ _RECEIVED: list[int] = []  # the signals this process has received
 _AFTER = [" before it started"]  # how a stop's line ends: what the command has written, or left undone
 _DEFERRED: set[int] = set()  # signals another handler, run before this policy's, acts on for now
 _ACTION: list[Callable[[int], None]] = []  # what a stop does instead of raising (a joblib sweep's main process)
+_HELD: list[bool] = []  # inside held(): a first stop is noted, raised when the block ends
 
 
 def _stop(signum: int, frame) -> None:
     _RECEIVED.append(signum)
     if signum in _DEFERRED and signal.getsignal(signum) is not _stop:  # the handler installed over this one acts
+        return
+    if _HELD and len(_RECEIVED) == 1:
         return
     if _ACTION:
         _ACTION[0](signum)
@@ -230,6 +234,20 @@ def when_stopped(text: str) -> None:
     if _RECEIVED:
         raise Interrupted(f"stopped by {signal.Signals(_RECEIVED[0]).name}{_AFTER[0]}", _RECEIVED[0])
     _AFTER[0] = text
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """While inside (the import of torch and Lightning), a first stop is only noted, and raised when the block ends; a
+    second one raises at once. Raised inside torch's import, the exception can reach C++ code that cannot pass it on
+    (pybind11), and the process aborts with a C++ traceback instead of the one line."""
+    _HELD.append(True)
+    try:
+        yield
+    finally:
+        _HELD.pop()
+    if _RECEIVED and not _HELD:
+        raise Interrupted(f"stopped by {signal.Signals(_RECEIVED[0]).name}{_AFTER[0]}", _RECEIVED[0])
 
 
 @contextlib.contextmanager

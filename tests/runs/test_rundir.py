@@ -223,6 +223,33 @@ def test_ctrl_c_at_any_import_of_start_up_stops_the_run(tmp_path, module):
     assert not (run_dir / "metrics.json").exists() and not (run_dir / "checkpoints").exists()
 
 
+CTRL_C_INSIDE_TORCHS_IMPORT = """
+import os, signal, sys
+marker, sys.argv = sys.argv[1], sys.argv[1:]
+
+class CtrlC:  # Ctrl-C pressed as torch imports torch.distributed (whose C++ set-up a raised stop would abort)
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch.distributed":
+            os.kill(os.getpid(), signal.SIGINT)
+        if name == "vaelab.model.priors":  # imported after torch, near the end of the command's import: it went on
+            open(marker, "w").close()
+
+sys.meta_path.insert(0, CtrlC())
+import vaelab.commands.cli
+vaelab.commands.cli.train()
+"""
+
+
+def test_a_ctrl_c_inside_torchs_import_is_held_until_the_import_ends(tmp_path):
+    """A stop raised inside torch's import can cross C++ that cannot pass it on: the process aborted with a C++
+    traceback once (SIGINT 1 s after start). The first stop is held while the command's module is imported
+    (vaelab.errors.held), then ends the run in one line."""
+    run_dir, marker = tmp_path / "run", tmp_path / "imported-on"
+    proc = run_cli("-c", CTRL_C_INSIDE_TORCHS_IMPORT, str(marker), *FAST, f"hydra.run.dir={run_dir}", tool="python", check=False)
+    one_line(proc, "vaelab-train: interrupted: stopped by SIGINT before training started", code=130)
+    assert marker.exists() and not (run_dir / "checkpoints").exists()
+
+
 def test_a_swallowed_ctrl_c_stops_vaelab_eval_before_it_writes(tmp_path, reference):
     out = tmp_path / "eval"
     proc = run_cli(

@@ -6,7 +6,7 @@ policy is in place, and a bad setting, a Hydra composition error or a stop durin
 
 from __future__ import annotations
 
-from vaelab.errors import UserError, exit_cleanly, quiet
+from vaelab.errors import UserError, exit_cleanly, held, quiet
 
 RESUME_EXAMPLE = """examples:
   vaelab-resume outputs/2026-11-24/14-11-09             continue an interrupted run where it stopped
@@ -35,7 +35,11 @@ def _run(prog: str, module: str, config_name: str) -> None:
             from vaelab.runs.sweep import run_job
 
             started.append(True)
-            return run_job(prog, cfg, lambda: import_module(module).hydra_task(cfg))
+            return run_job(prog, cfg, lambda: command().hydra_task(cfg))
+
+        def command():
+            with held():  # a Ctrl-C inside torch's C++ import would abort the process
+                return import_module(module)
 
         try:
             hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(task)()
@@ -85,6 +89,7 @@ def resume() -> None:
                 "its own saved config and the settings given (key=value)"
             )
         quiet()
-        from vaelab.commands.train import resume as continue_run
+        with held():  # as in _run
+            from vaelab.commands.train import resume as continue_run
 
         continue_run(args.run_dir, args.overrides)
