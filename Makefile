@@ -43,4 +43,4 @@ test: setup docs
 	$(VENV)/bin/pytest -q --durations=15
 
 bench: setup
-	$(VENV)/bin/python benchmarks/epoch_time.py
+	$(VENV)/bin/python benchmarks/epoch_time.py --default-run

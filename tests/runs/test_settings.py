@@ -36,6 +36,11 @@ BAD = [
     ("data.eval_batch_size=0", "data.eval_batch_size=0 is not allowed"),
     ("data.image_shape=[1,28]", "data.image_shape=[1, 28] is not allowed: data.image_shape must be three positive integers"),
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is not allowed"),
+    (
+        "trainer.check_val_every_n_epoch=0",
+        "trainer.check_val_every_n_epoch=0 is not allowed: trainer.check_val_every_n_epoch must be a positive integer or null",
+    ),
+    ("trainer.check_val_every_n_epoch=2.5", "trainer.check_val_every_n_epoch=2.5 is not allowed"),
     ("trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5 is not allowed"),
     ("trainer.accelerator=tpu", "trainer.accelerator='tpu' is not allowed: trainer.accelerator must be one of cpu, gpu"),
     ("+trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 is not allowed: trainer.accumulate_grad_batches"),
@@ -78,6 +83,8 @@ def test_bad_value_is_named_with_what_is_allowed(compose, override, message):
         ["model=conv", "data=mnist"],
         ["trainer=ddp"],
         ["trainer=gpu"],
+        ["trainer.check_val_every_n_epoch=1"],
+        ["trainer.check_val_every_n_epoch=null", "+trainer.val_check_interval=100"],  # validation by batches
         ["~callbacks.samples"],
         ["callbacks=[progress_bar]"],
     ],

@@ -164,6 +164,7 @@ TRAIN = {
     "test_after_fit": BOOL,
     "steps_per_call": POSITIVE("10"),
     "trainer.log_every_n_steps": POSITIVE("50"),
+    "trainer.check_val_every_n_epoch": OPTIONAL_POSITIVE("1"),
     "trainer.num_sanity_val_steps": whole(-1)("2"),
     "trainer.max_steps": whole(-1, note="-1: no limit")("-1"),
     "trainer.gradient_clip_val": number(0, optional=True)("1.0"),
