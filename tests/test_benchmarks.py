@@ -127,8 +127,12 @@ def test_the_quick_benchmark_prints_every_loop_ratio_and_part(tmp_path):
     table = dict(re.findall(r"^\| (?:\*\*)?((?:steps|epoch end)/[^|*]+?)(?:\*\*)? \| (\d+\.\d+) \|", out, re.M))
     parts = ["steps/forward and loss", "steps/backward", "steps/optimizer step", "steps/batch fetch, Lightning"]
     parts += ["epoch end/validation", "epoch end/checkpoint writes", "epoch end/logging (TensorBoard writes): all"]
+    small = re.search(r"^under 0.5 ms an epoch in every loop: (.*)$", out, re.M).group(1).split(", ")
     for part in parts + [f"epoch end/pictures: {name}" for name in PICTURES]:
-        assert float(table.get(part, 0)) > 0, part  # vaelab's seconds per epoch in it
+        # vaelab's seconds per epoch in it; or, for a kind of part, each of its parts timed under half a millisecond
+        # (the TensorBoard writes of an epoch end of 2 validation batches: about that, on a loaded machine less)
+        kind = part.removesuffix(": all")
+        assert float(table.get(part, 0)) > 0 or (part.endswith(": all") and any(p.startswith(kind) for p in small)), part
     assert "pictures: latent_map" in out  # drawn at the end of training only (latent 256): under half a millisecond
     assert re.search(r"epoch end .+ of its epoch \(issue 21 point 2: <= 3%\)", out)
     # the default run: 10 epochs, validating in the 5th and the last; its epoch ends over the whole run, by part
