@@ -304,18 +304,29 @@ class Alternate(EpochTiming):
             )
 
 
-def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, float]]:
-    """The three loops alternated, repeats + 1 epochs each (the first, a warm-up, dropped); vaelab's time outside
-    its epochs."""
+def train_timed(cfg, timing: EpochTiming) -> None:
+    """vaelab.commands.train.train(cfg) in this process, its output to /dev/null, with `timing` first among the
+    callbacks of the trainer vaelab-train builds (its own build_parts)."""
     import vaelab.commands.train as command
 
     build_parts = command.build_parts
 
-    def timed_parts(start):  # vaelab-train's own parts, with the timing first among the trainer's callbacks
+    def timed_parts(start):
         datamodule, model, trainer = build_parts(start)
         trainer.callbacks.insert(0, timing)
         return datamodule, model, trainer
 
+    command.build_parts = timed_parts
+    try:
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+            command.train(cfg)
+    finally:
+        command.build_parts = build_parts
+
+
+def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, float]]:
+    """The three loops alternated, repeats + 1 epochs each (the first, a warm-up, dropped); vaelab's time outside
+    its epochs."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [f"batch_size={batch_size}", f"epochs={args.repeats + 1}", f"threads={args.threads}"]
         overrides.append("trainer.check_val_every_n_epoch=1")  # every epoch, as the other loops: the same work
@@ -327,12 +338,7 @@ def measure(batch_size: int, args) -> tuple[dict[str, list[Epoch]], dict[str, fl
         }
         timing = Alternate(loops, batch_size)
         started = time.perf_counter()
-        command.build_parts = timed_parts
-        try:
-            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                command.train(cfg)
-        finally:
-            command.build_parts = build_parts
+        train_timed(cfg, timing)
         ended = time.perf_counter()
         timing.collect(len(timing.epochs))
     outside = {
@@ -432,25 +438,12 @@ def report_breakdown(batch: int, results: dict[str, list[Epoch]], outside: dict[
 def default_run(args) -> None:
     """vaelab-train with its defaults (at --threads), --default-runs times, each epoch timed by EpochTiming: the epoch
     ends over the whole run against its epochs, in all and by part."""
-    import vaelab.commands.train as command
-
-    build_parts, runs = command.build_parts, []
+    runs = []
     for repeat in range(args.default_runs):
         timing = EpochTiming()
-
-        def timed_parts(start, timing=timing):
-            datamodule, model, trainer = build_parts(start)
-            trainer.callbacks.insert(0, timing)
-            return datamodule, model, trainer
-
         with tempfile.TemporaryDirectory() as tmp:
             cfg = compose_train([f"threads={args.threads}", *quick_overrides(args.quick, args.train_batches)], Path(tmp) / "run")
-            command.build_parts = timed_parts
-            try:
-                with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                    command.train(cfg)
-            finally:
-                command.build_parts = build_parts
+            train_timed(cfg, timing)
         epochs = [Epoch(parts, cpu, steps) for parts, cpu, steps in zip(timing.epochs, timing.cpu, timing.steps, strict=True)]
         runs.append(epochs)
         validated = [k for k, e in enumerate(epochs) if e.parts.get(f"{EPOCH_END}/{VALIDATION}", 0.0) > 0]
