@@ -202,9 +202,9 @@ class VAEModule(pl.LightningModule):
     # --- the validation schedule ------------------------------------------------------------------
     # Validation every few epochs (trainer.check_val_every_n_epoch, conf/trainer/cpu.yaml) spares the others its cost;
     # the epoch a run ends in validates anyway (the last of max_epochs, one that reaches max_steps at its end, or a stop
-    # asked for, e.g. by early stopping or max_time), so every run ends with the val figures, pictures and best
-    # checkpoint of its final weights. Lightning decides whether to validate after this hook (and after every
-    # callback's on_train_batch_end, so a stop asked for there counts).
+    # asked for during it, by max_time or a callback; early stopping stops at a validation), so every run ends with the
+    # val figures, pictures and best checkpoint of its final weights. Lightning decides whether to validate after this
+    # hook (and after every callback's on_train_batch_end, so a stop asked for there counts).
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         trainer = self.trainer
         every = trainer.check_val_every_n_epoch
