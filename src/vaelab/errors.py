@@ -221,7 +221,18 @@ def _stop(signum: int, frame) -> None:
         return
     if _ACTION:
         _ACTION[0](signum)
-    raise Interrupted(f"stopped by {signal.Signals(signum).name}{_AFTER[0]}", signum)
+    raise _interrupted(signum)
+
+
+def _interrupted(signum: int) -> Interrupted:
+    """The stop's error, its line saying what the command has written or left undone so far."""
+    return Interrupted(f"stopped by {signal.Signals(signum).name}{_AFTER[0]}", signum)
+
+
+def _raise_received() -> None:
+    """A stop received and not raised yet (noted while held, or swallowed by a library on the way) is raised now."""
+    if _RECEIVED:
+        raise _interrupted(_RECEIVED[0])
 
 
 def before_work(prog: str) -> str:
@@ -231,8 +242,7 @@ def before_work(prog: str) -> str:
 def when_stopped(text: str) -> None:
     """From here on a stop's line ends with `text`. A step of the command ends here, so a signal that a library
     swallowed on the way is raised now, not lost (torch's C++ import of numpy clears the exception and goes on)."""
-    if _RECEIVED:
-        raise Interrupted(f"stopped by {signal.Signals(_RECEIVED[0]).name}{_AFTER[0]}", _RECEIVED[0])
+    _raise_received()
     _AFTER[0] = text
 
 
@@ -246,8 +256,8 @@ def held() -> Iterator[None]:
         yield
     finally:
         _HELD.pop()
-    if _RECEIVED and not _HELD:
-        raise Interrupted(f"stopped by {signal.Signals(_RECEIVED[0]).name}{_AFTER[0]}", _RECEIVED[0])
+    if not _HELD:
+        _raise_received()
 
 
 @contextlib.contextmanager
@@ -295,7 +305,7 @@ def exit_cleanly(prog: str) -> Iterator[None]:
     except (Exception, KeyboardInterrupt, Interrupted) as err:
         stop = _RECEIVED[0] if _RECEIVED else signal.SIGINT if isinstance(err, KeyboardInterrupt) else None
         if stop is not None and not isinstance(err, Interrupted):  # e.g. a Ctrl-C that broke an import on its way
-            err = Interrupted(f"stopped by {signal.Signals(stop).name}{_AFTER[0]}", stop)
+            err = _interrupted(stop)
         message = message_for(err)
         if message is None:
             raise
