@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -152,6 +153,7 @@ def _server(env: dict[str, str]) -> str:
     """This pytest worker's zygote (started on first use, with the environment the commands will mostly get)."""
     with _lock:
         if not _zygote or _zygote["process"].poll() is not None:
+            _remove_folder()  # of a zygote that has ended
             folder = tempfile.mkdtemp(prefix="vaelab-zygote-")
             path = os.path.join(folder, "socket")
             process = subprocess.Popen(
@@ -211,6 +213,14 @@ def stop() -> None:
             connection.connect(_zygote["path"])
             connection.send(json.dumps({"stop": True}).encode())
         _zygote["process"].wait(timeout=30)
+    _remove_folder()
+
+
+def _remove_folder() -> None:
+    """The folder this client made for its zygote's socket (nothing else is in it)."""
+    path = _zygote.pop("path", None)
+    if path:
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
 
 
 if __name__ == "__main__":
