@@ -110,6 +110,7 @@ def become(entry, request: dict) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ.clear()
     os.environ.update(request["env"])
+    tempfile.tempdir = None  # found again from TMPDIR, as a fresh process would (the preload's imports set it)
     os.chdir(request["cwd"])
     if request["env"].get("PYTHONUNBUFFERED"):
         sys.stdout.reconfigure(write_through=True)

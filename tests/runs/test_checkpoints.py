@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -243,6 +244,23 @@ def test_atomic_checkpoint_io_leaves_the_old_file_whole_when_a_write_fails(tmp_p
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
     assert err.value.filename == str(target)  # the checkpoint is named, not the temporary file
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_removing_the_spawn_launchers_weights_removes_its_folder_only_when_empty(tmp_path, monkeypatch):
+    """Lightning's spawn launcher writes <tempfile.mkdtemp()>/.temp.ckpt and removes the file; its folder goes with it,
+    but never a folder outside the temp dir, one with anything else in it, or the folder of any other checkpoint."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    io, state = AtomicCheckpointIO(), {"state_dict": {"w": torch.ones(3)}}
+    spawned, crowded, outside, other = (Path(tempfile.mkdtemp()) for _ in range(4))
+    outside = outside / "deeper"
+    for folder, name in ((spawned, ".temp.ckpt"), (crowded, ".temp.ckpt"), (outside, ".temp.ckpt"), (other, "last.ckpt")):
+        io.save_checkpoint(state, folder / name)
+    (crowded / "someone-elses.txt").write_text("kept")
+    for folder, name in ((spawned, ".temp.ckpt"), (crowded, ".temp.ckpt"), (outside, ".temp.ckpt"), (other, "last.ckpt")):
+        io.remove_checkpoint(folder / name)
+        assert not (folder / name).exists()
+    assert not spawned.exists()
+    assert [p.name for p in crowded.iterdir()] == ["someone-elses.txt"] and outside.is_dir() and other.is_dir()
 
 
 def tampered_copy(run_dir: Path, change, path: Path) -> Path:

@@ -117,7 +117,8 @@ def test_optuna_search_goes_on_past_a_diverged_trial(tmp_path):
 
 
 def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
-    run_dir = tmp_path / "ddp"
+    run_dir, temp = tmp_path / "ddp", tmp_path.parent / f"{tmp_path.name}-temp"
+    temp.mkdir()
     proc = run_cli(
         *FAST,
         "trainer=ddp",
@@ -126,9 +127,13 @@ def test_ddp_on_cpu_two_processes_write_one_run(tmp_path):
         "trainer.limit_train_batches=6",
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
+        env={"TMPDIR": str(temp)},
     )
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in proc.stderr and "GLOBAL_RANK: 1, MEMBER: 2/2" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp"]  # both ranks wrote into the one Hydra run dir
+    # Lightning's spawn launcher passes the weights back through a file in a folder of the temp dir: nothing is left
+    # but torch's compile cache (torchinductor_<user>, kept for every later run, as torch means it)
+    assert [p.name for p in temp.iterdir() if not p.name.startswith("torchinductor_")] == []
     metrics = read_metrics(run_dir)
     assert metrics["val/loss"] > 0 and metrics["test/loss"] > 0
     assert metrics["val/loss"] == pytest.approx(metrics["val/recon"] + metrics["val/kl"], rel=1e-5)

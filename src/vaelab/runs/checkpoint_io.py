@@ -3,7 +3,9 @@ the best one ranked only at the end of an epoch that validated (conf/callbacks/m
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from vaelab.files import atomic_write
+
+SPAWN_WEIGHTS = ".temp.ckpt"  # pytorch_lightning.strategies.launchers.multiprocessing's file of the workers' weights
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -28,6 +32,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         atomic_write(Path(path), buffer.getbuffer())
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        # Lightning's spawn launcher (trainer=ddp) hands the weights back from its workers through
+        # tempfile.mkdtemp()/.temp.ckpt and removes only the file: its folder goes too, if nothing else is in it.
+        path = Path(path)
+        if path.name == SPAWN_WEIGHTS and path.parent.parent == Path(tempfile.gettempdir()):
+            with contextlib.suppress(OSError):  # not empty, or gone
+                path.parent.rmdir()
 
 
 class ValidatedCheckpoint(ModelCheckpoint):
