@@ -62,9 +62,11 @@ def project(tmp_path_factory) -> Project:
             "-m", *SWEEP_JOBS, f"paths.log_dir={root}", f"hydra.sweep.dir={root}/sweep", "logger=[tensorboard,mlflow]",
             "latent_dim=2,4", env=NO_TELEMETRY,
         )  # fmt: skip
+        # W&B's own folders (its service's logs, its cache and settings) in the test's, not in the home directory
+        wandb_dirs = {f"WANDB_{name}_DIR": str(root / f"wandb-{name.lower()}") for name in ("CACHE", "DATA", "CONFIG")}
         run = run_cli(
             *FAST, f"paths.log_dir={root}", f"hydra.run.dir={root}/run", "logger=[tensorboard,mlflow,wandb]", "epochs=2",
-            "latent_dim=4", env=NO_TELEMETRY,
+            "latent_dim=4", env={**NO_TELEMETRY, **wandb_dirs},
         )  # fmt: skip
     jobs = sorted((p for p in (root / "sweep").iterdir() if (p / ".hydra").is_dir()), key=lambda p: int(p.name.split("_")[0]))
     return Project(root, root / "run", jobs, sweep.stdout + sweep.stderr + run.stdout + run.stderr)
