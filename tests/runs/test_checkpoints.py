@@ -253,12 +253,13 @@ def test_removing_the_spawn_launchers_weights_removes_its_folder_only_when_empty
     io, state = AtomicCheckpointIO(), {"state_dict": {"w": torch.ones(3)}}
     spawned, crowded, outside, other = (Path(tempfile.mkdtemp()) for _ in range(4))
     outside = outside / "deeper"
-    for folder, name in ((spawned, ".temp.ckpt"), (crowded, ".temp.ckpt"), (outside, ".temp.ckpt"), (other, "last.ckpt")):
-        io.save_checkpoint(state, folder / name)
+    files = [spawned / ".temp.ckpt", crowded / ".temp.ckpt", outside / ".temp.ckpt", other / "last.ckpt"]
+    for path in files:
+        io.save_checkpoint(state, path)
     (crowded / "someone-elses.txt").write_text("kept")
-    for folder, name in ((spawned, ".temp.ckpt"), (crowded, ".temp.ckpt"), (outside, ".temp.ckpt"), (other, "last.ckpt")):
-        io.remove_checkpoint(folder / name)
-        assert not (folder / name).exists()
+    for path in files:
+        io.remove_checkpoint(path)
+        assert not path.exists()
     assert not spawned.exists()
     assert [p.name for p in crowded.iterdir()] == ["someone-elses.txt"] and outside.is_dir() and other.is_dir()
 
