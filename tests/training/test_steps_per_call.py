@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers.logger import Logger
 from pytorch_lightning.plugins.precision import MixedPrecision
 
+import vaelab.training.module as module_code
 from conftest import dense_vae
 from vaelab.data.tensors import TensorBatches
 from vaelab.training.console import Console
@@ -236,3 +237,39 @@ def test_a_stop_asked_for_inside_a_call_ends_it_there(tmp_path):
     )
     trainer.fit(module, train_dataloaders=TensorBatches(IMAGES, torch.zeros(60), batch_size=7, shuffle=True))
     assert trainer.global_step == 7
+
+
+class WindowSizes(pl.Callback):
+    """The most losses VAEModule held for its logging window after a call, and each step's loss."""
+
+    def __init__(self, module):
+        self.most, self.losses = 0, []
+        train_on = module._train_on
+        module._train_on = lambda *args: self.losses.append(loss := train_on(*args)) or loss
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.most = max(self.most, len(pl_module._window_losses))
+
+
+def test_a_long_logging_window_holds_few_losses_and_logs_their_mean_however_many_steps_a_call(tmp_path, monkeypatch):
+    """train/loss is the mean of a window's losses, summed when the window ends: the same sum bit for bit with 1 and
+    5 steps a call. A window of more than WINDOW_FOLD steps sums them WINDOW_FOLD at a time as it goes (memory): the
+    module then holds at most WINDOW_FOLD of them, and the places it sums at do not depend on the call."""
+    monkeypatch.setattr(module_code, "WINDOW_FOLD", 3)
+    runs = []
+    for steps_per_call in (1, 5):
+        torch.manual_seed(0)
+        module = dense_vae()
+        module.steps_per_call = steps_per_call
+        sizes, recorder = WindowSizes(module), Recorder()
+        trainer = pl.Trainer(
+            max_epochs=2, log_every_n_steps=10, logger=recorder, callbacks=[sizes], enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(module, train_dataloaders=TensorBatches(IMAGES, torch.zeros(60), batch_size=7, shuffle=True))
+        runs.append((sizes, [(step, value) for step, key, value in recorder.rows if key == "train/loss"]))
+    (one, one_logged), (many, logged) = runs
+    assert logged == one_logged and [step for step, _ in logged] == [9]  # 18 steps: one whole window
+    assert one.most == many.most == 3  # without the folding, 5 after a call of 5 steps
+    expected = torch.stack(many.losses[:10]).double().mean().item()
+    assert logged[0][1] == pytest.approx(expected, rel=1e-6)

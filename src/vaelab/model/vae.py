@@ -276,7 +276,7 @@ class VAE(nn.Module):
         # The loss in fp32 even under bf16 autocast: sums over 784 pixels and the latent are too coarse in bf16.
         mu, logvar = self.encode(x_in, y)
         z = self.reparameterize(mu, logvar)  # as forward() draws it
-        out, mu, logvar = (t.float() for t in (self.decode(z, y), mu, logvar))
+        out, mu, logvar = self.decode(z, y).float(), mu.float(), logvar.float()
         if self.objective == "notebook":
             return notebook_loss(out, target, mu, logvar), mu, logvar
         recon = self.likelihood.nll(out, target).mean()

@@ -31,6 +31,7 @@ from vaelab.model.vae import VAE, add_noise, bounds
 
 EVAL_KEYS = ("loss", "recon", "kl", "noisy_recon", "nelbo", "nll_iwae")
 BPD_KEYS = ("nelbo", "nll_iwae")  # also logged in bits per dimension, as <stage>/<key>_bpd
+WINDOW_FOLD = 1024  # losses of a logging window held before they are summed into one
 EVAL_SEED = 0  # the dequantisation noise and the importance samples of validation and test: the same every epoch
 
 
@@ -73,8 +74,8 @@ class VAEModule(pl.LightningModule):
         # logger=False: the HPARAMS tab gets a flat, stable set of values from the entry point instead.
         self.save_hyperparameters(logger=False)
         self.vae = VAE.from_settings(self.hparams, instantiate)
-        self._train_loss_sum = None  # running sum since the last logged step (tensor, no host sync per step)
-        self._train_loss_count = 0
+        self._window_losses: list[torch.Tensor] = []  # each step's loss since train/loss was last logged (no host sync)
+        self._window_steps = 0
         self._checkpoint_every: list[int] = []  # every_n_train_steps of the run's checkpoint callbacks (on_train_start)
         self._direct_steps = False  # backward and optimizer step without Lightning's hook dispatches (on_train_start)
         self._eval_generator: torch.Generator | None = None
@@ -135,16 +136,36 @@ class VAEModule(pl.LightningModule):
         optimizer = None if self.automatic_optimization else self.optimizers()
         limit = self._steps_this_call(trainer) if optimizer is not None else 1  # automatic: Lightning calls it per step
         single = trainer.world_size == 1  # SIGTERM: under DDP Lightning shares it among the ranks only between calls
-        loss_sum, made = None, 0
+        convert, loop = trainer.precision_plugin.convert_input, trainer.fit_loop.epoch_loop  # looked up once a call
+        first, losses = self.global_step, []  # the step the call's first batch makes (counted once it is made)
         while True:
             batch, _, _ = next(dataloader_iter)
-            loss, detached = self._train_on(trainer.precision_plugin.convert_input(batch), optimizer)
-            loss_sum, made = detached if loss_sum is None else loss_sum + detached, made + 1
-            if made == limit or dataloader_iter.done or trainer.should_stop or (single and trainer.received_sigterm):
+            loss = self._train_on(convert(batch), optimizer)
+            losses.append(loss.detach())
+            if len(losses) == limit or dataloader_iter.done or trainer.should_stop or (single and trainer.received_sigterm):
                 break
-            _count_as_a_call(trainer.fit_loop.epoch_loop)
+            _count_as_a_call(loop)
+        self._log_train_loss(losses, first + len(losses), len(batch[0]))
         # the console's epoch mean reads loss_sum and steps (vaelab.training.console)
-        return {"loss": loss, "loss_sum": loss_sum, "steps": made}
+        return {"loss": loss, "loss_sum": torch.stack(losses).sum().float(), "steps": len(losses)}
+
+    def _log_train_loss(self, losses: list[torch.Tensor], steps: int, batch_size: int) -> None:
+        """train/loss, the mean loss of each window of log_every_n_steps steps, logged as one value at the window's
+        last step (a call ends there): self.log costs ~0.5 ms. The window's losses are summed when it ends, so the sum
+        is the same however many steps a call made; a long window's, WINDOW_FOLD at a time in order (memory)."""
+        window = self._window_losses
+        window += losses
+        while len(window) > WINDOW_FOLD:
+            window[:WINDOW_FOLD] = [torch.stack(window[:WINDOW_FOLD]).sum()]
+        self._window_steps += len(losses)
+        if steps % self.trainer.log_every_n_steps == 0:
+            mean = torch.stack(window).sum().float() / self._window_steps
+            window.clear()
+            self._window_steps = 0
+            # batch_size: Lightning asks it of a training_step that takes its iterator (it weighs epoch means only)
+            self.log("train/loss", mean, prog_bar=True, batch_size=batch_size)
+            if self.hparams.kl_warmup_epochs:
+                self.log("train/beta", self.kl_weight(), batch_size=batch_size)
 
     def _steps_this_call(self, trainer: pl.Trainer) -> int:
         """Up to steps_per_call, ending at the first step after which Lightning decides something by step or batch."""
@@ -159,18 +180,17 @@ class VAEModule(pl.LightningModule):
             limit = min(limit, (every - (first + 1) % every) % every + 1)
         return max(1, limit)
 
-    def _train_on(self, batch, optimizer) -> tuple[torch.Tensor, torch.Tensor]:
-        """One batch's loss (and it detached, as a float32 tensor), and its optimizer step under manual optimisation;
-        train/loss logged per window."""
+    def _train_on(self, batch, optimizer) -> torch.Tensor:
+        """One batch's loss, and its optimizer step under manual optimisation."""
         x, y = batch
-        hp, vae, step = self.hparams, self.vae, self.global_step  # the step this batch makes (counted once it is made)
+        hp, vae = self.hparams, self.vae
         target = vae.target(x)
         x_in = add_noise(target, hp.noise_factor) if hp.denoise else target
         loss = vae.training_loss(
             x_in, target, vae.labels_of(y), kl_weight=self.kl_weight(), free_bits=hp.free_bits, num_samples=hp.num_samples
         )
         if optimizer is not None:
-            optimizer.zero_grad()
+            optimizer.optimizer.zero_grad()  # what LightningOptimizer's zero_grad comes to, without its indirection
             if self._direct_steps:  # what manual_backward and optimizer.step come to here, without their dispatches
                 loss.backward()
                 optimizer._on_before_step()  # the loop's step count (global_step)
@@ -182,17 +202,7 @@ class VAEModule(pl.LightningModule):
             # A call's next step runs in the same autocast context: bf16 copies of the weights cached there (torch's
             # default, later Lightning's) would be the weights of before this step (tested).
             torch.clear_autocast_cache()
-        # self.log costs ~0.5 ms; log the mean over each window of log_every_n_steps steps instead of every step.
-        detached = loss.detach().float()
-        self._train_loss_sum = detached if self._train_loss_sum is None else self._train_loss_sum + detached
-        self._train_loss_count += 1
-        if (step + 1) % self.trainer.log_every_n_steps == 0:
-            # batch_size: Lightning asks it of a training_step that takes its iterator (it weighs epoch means only)
-            self.log("train/loss", self._train_loss_sum / self._train_loss_count, prog_bar=True, batch_size=len(x))
-            if hp.kl_warmup_epochs:
-                self.log("train/beta", self.kl_weight(), batch_size=len(x))
-            self._train_loss_sum, self._train_loss_count = None, 0
-        return loss, detached
+        return loss
 
     def on_train_start(self) -> None:
         # ModelCheckpoint(every_n_train_steps=N) checks global_step % N at a call's end
