@@ -6,10 +6,11 @@ Five loops train the default model (conf/model/dense.yaml) on vaelab's in-memory
 --steps training steps each (no validation), --rounds times, in one process on one torch thread:
 - plain: vaelab's VAE and its loss (VAE.training_loss), the config's optimizer (fused Adam) and precision (bf16
   autocast where the CPU has it), batches gathered from the in-memory tensors: no Lightning;
-- bare Trainer, 10 a call: the same VAEModule in a Trainer with no callback, logger or checkpoint, 10 steps a call;
-- vaelab, 10 a call and vaelab, 1 a call: vaelab-train's own trainer (vaelab.commands.train.build_parts: every default
-  callback, the TensorBoard logger, checkpoints) with steps_per_call 10 and 1;
-- vaelab, 10 a call, step hooks: the same with one more callback that has an (empty) on_after_backward, so each step
+- bare Trainer, N a call: the same VAEModule in a Trainer with no callback, logger or checkpoint, N steps a call (N:
+  conf/train.yaml's steps_per_call, the default);
+- vaelab, N a call and vaelab, 1 a call: vaelab-train's own trainer (vaelab.commands.train.build_parts: every default
+  callback, the TensorBoard logger, checkpoints) with steps_per_call N and 1;
+- vaelab, N a call, step hooks: the same with one more callback that has an (empty) on_after_backward, so each step
   goes through Lightning's manual_backward and optimizer step and their hook dispatches (VAEModule's direct steps off).
 A Lightning turn is one fit of one epoch of --steps batches on a trainer built for it (the build is not timed). It
 prints each loop's CPU milliseconds per step and, per loop, the median (and range) over the rounds after the first
@@ -127,10 +128,11 @@ def measure(args, tmp: Path) -> None:
             raise SystemExit(f"a turn made {trainer.global_step} optimizer steps, not {steps}")
         return clock.ms[-1]
 
+    n = int(cfg.steps_per_call)  # the default
     loops = {
-        "bare Trainer, 10 a call": lambda turn: lightning_turn(lambda t: bare_trainer(10, t), turn),
-        "vaelab, 10 a call": lambda turn: lightning_turn(lambda t: vaelab_trainer(10, t), turn),
-        "vaelab, 10 a call, step hooks": lambda turn: lightning_turn(lambda t: vaelab_trainer(10, t), turn, StepHook()),
+        f"bare Trainer, {n} a call": lambda turn: lightning_turn(lambda t: bare_trainer(n, t), turn),
+        f"vaelab, {n} a call": lambda turn: lightning_turn(lambda t: vaelab_trainer(n, t), turn),
+        f"vaelab, {n} a call, step hooks": lambda turn: lightning_turn(lambda t: vaelab_trainer(n, t), turn, StepHook()),
         "vaelab, 1 a call": lambda turn: lightning_turn(lambda t: vaelab_trainer(1, t), turn),
     }
     ms = {name: [] for name in ["plain", *loops]}

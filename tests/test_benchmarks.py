@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from conftest import dense_vae
@@ -180,7 +181,8 @@ def test_the_steps_per_call_benchmark_times_each_loop_over_the_plain_one():
     assert re.search(r"^batch 8, 5 steps a turn, 2 rounds; CPU ms per step", out, re.M)
     figure = r"-?\d+\.\d{3} \(-?\d+\.\d{3}--?\d+\.\d{3}\)"
     assert re.search(rf"^plain: {figure}$", out, re.M)
-    for loop in ("bare Trainer, 10 a call", "vaelab, 10 a call", "vaelab, 10 a call, step hooks", "vaelab, 1 a call"):
+    n = OmegaConf.load(REPO / "conf" / "train.yaml").steps_per_call  # the default, which the benchmark times
+    for loop in (f"bare Trainer, {n} a call", f"vaelab, {n} a call", f"vaelab, {n} a call, step hooks", "vaelab, 1 a call"):
         assert re.search(rf"^{loop}: {figure}; over plain {figure}$", out, re.M), loop
 
 
